@@ -1,0 +1,364 @@
+"""
+The LLaMA-family transformer, written to match Hugging Face's LlamaForCausalLM number for number.
+
+Module and parameter names follow Hugging Face (model.layers.3.self_attn.q_proj.weight, lm_head.weight),
+so a `config.json` + `model.safetensors` folder loads one to one. Per-layer widths (query heads kept,
+which key/value head each reads, MLP width) are part of the config, so a structurally pruned model is
+an ordinary model of this file.
+"""
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from checkpoint import load_weights
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    head_dim: int = 64
+    max_seq_len: int = 8192
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    # per-layer widths after structured pruning; None means every layer has the widths above
+    layer_kv_map: list | None = None        # [layer][query head] -> index of the key/value head it reads
+    layer_intermediate: list | None = None  # [layer] -> MLP width
+
+    HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+               "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+               "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
+               "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings",
+               "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "head_dim": "head_dim",
+               "layer_kv_map": "layer_kv_map", "layer_intermediate": "layer_intermediate"}
+
+    @classmethod
+    def from_hf(cls, hf: dict, where="config.json"):
+        """Reads a Hugging Face llama config, refusing what this model does not implement."""
+        bad = {"model_type": hf.get("model_type", "llama") not in ("llama", "mistral", "smollm"),
+               "attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
+               "hidden_act": hf.get("hidden_act", "silu") != "silu",
+               "sliding_window": hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None}
+        for key, unsupported in bad.items():
+            if unsupported:
+                raise ValueError(f"{where}: {key} = {hf.get(key)!r} is not supported by this llama model")
+        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"{where}: missing required keys {missing}")
+        kw = {ours: hf[theirs] for ours, theirs in cls.HF_KEYS.items() if theirs in hf and hf[theirs] is not None}
+        kw.setdefault("n_kv_head", kw["n_head"])
+        if "head_dim" not in kw:
+            if kw["hidden_size"] % kw["n_head"]:
+                raise ValueError(f"{where}: num_attention_heads {kw['n_head']} does not divide hidden_size "
+                                 f"{kw['hidden_size']} (and no head_dim is given)")
+            kw["head_dim"] = kw["hidden_size"] // kw["n_head"]
+        cfg = cls(**kw)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where="config"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"{where}: num_key_value_heads {self.n_kv_head} does not divide "
+                             f"num_attention_heads {self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"{where}: head_dim {self.head_dim} must be even for rotary embeddings")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if kind not in (None, "default", "llama3"):
+            raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        for name in ("layer_kv_map", "layer_intermediate"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.n_layer:
+                raise ValueError(f"{where}: {name} has {len(v)} entries for {self.n_layer} layers")
+        for l, kv_map in enumerate(self.layer_kv_map or []):
+            if not kv_map:
+                raise ValueError(f"{where}: layer {l} has no attention heads left")
+
+    def to_hf(self):
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False}
+        hf.update({theirs: getattr(self, ours) for ours, theirs in self.HF_KEYS.items()})
+        if self.layer_kv_map is None:
+            del hf["layer_kv_map"]
+        if self.layer_intermediate is None:
+            del hf["layer_intermediate"]
+        return hf
+
+    def kv_map(self, layer):
+        """For each query head of `layer`, the index of the key/value head it reads."""
+        if self.layer_kv_map is not None:
+            return list(self.layer_kv_map[layer])
+        group = self.n_head // self.n_kv_head
+        return [h // group for h in range(self.n_head)]
+
+    def intermediate(self, layer):
+        return self.layer_intermediate[layer] if self.layer_intermediate is not None else self.intermediate_size
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies of rotary embeddings, with Llama-3's long-context rescaling if configured."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, positions):
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                 # HF layout: two halves, not interleaved
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        kv_map = cfg.kv_map(layer)
+        self.n_head, self.n_kv_head, self.head_dim = len(kv_map), max(kv_map) + 1, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        group = self.n_head // self.n_kv_head
+        self.uniform_gqa = self.n_head % self.n_kv_head == 0 and kv_map == [h // group for h in range(self.n_head)]
+        self.register_buffer("kv_index", torch.tensor(kv_map), persistent=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # all keys/values up to start + T
+        if not self.uniform_gqa:  # uneven groups after pruning: gather each query head's k/v
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        S = k.shape[2]
+        if T == 1 or start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.uniform_gqa)
+        else:  # a chunk after cached tokens: query i sees keys up to start + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.uniform_gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        width = cfg.intermediate(layer)
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (B, n_kv_head, max_len, head_dim) each."""
+
+    def __init__(self, model, batch_size, max_len, dtype, device):
+        self.k = [torch.zeros(batch_size, b.self_attn.n_kv_head, max_len, b.self_attn.head_dim, dtype=dtype, device=device)
+                  for b in model.model.layers]
+        self.v = [torch.zeros_like(k) for k in self.k]
+
+    def update(self, layer, start, k, v):
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def hidden_states(self, idx, cache=None, start=0):
+        B, T = idx.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+                             f"({self.config.max_seq_len})")
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=idx.device))
+        x = self.model.embed_tokens(idx)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, start)
+        return self.model.norm(x)
+
+    def forward(self, idx, targets=None, cache=None, start=0, last_only=False):
+        """idx (B, T) int64 -> (logits, loss). With targets (B, T; -1 = not counted) the loss is the mean
+        cross-entropy over counted positions and logits is None: logits are computed only at those
+        positions, in chunks, never as a (B, T, vocab) tensor. last_only: logits of the last position."""
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
+        h = self.hidden_states(idx, cache, start)
+        if targets is None:
+            return self.lm_head(h[:, -1:] if last_only else h), None
+        keep = targets.reshape(-1) != -1
+        return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1])[keep], self.lm_head.weight, targets.reshape(-1)[keep])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None, generator=None):
+        """Continue idx (B, T) by up to max_new_tokens with a KV cache; returns (B, T + new).
+        temperature 0 is greedy. A row that emits a stop id is padded with that id until all rows stop."""
+        B, T = idx.shape
+        total = min(T + max_new_tokens, self.config.max_seq_len)
+        if T >= self.config.max_seq_len:
+            raise ValueError(f"prompt of {T} tokens leaves no room in the model's context ({self.config.max_seq_len})")
+        cache = KVCache(self, B, total, self.lm_head.weight.dtype, idx.device)
+        stops = torch.tensor(sorted(set(stop_ids or [])), device=idx.device, dtype=idx.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out, start, step_in = idx, 0, idx
+        while out.shape[1] < total:
+            logits, _ = self(step_in, cache=cache, start=start, last_only=True)
+            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            if len(stops):
+                nxt = torch.where(done, out[:, -1], nxt)
+                done |= torch.isin(nxt, stops)
+            start += step_in.shape[1]
+            out, step_in = torch.cat([out, nxt[:, None]], dim=1), nxt[:, None]
+            if len(stops) and done.all():
+                break
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        """Load a Hugging Face llama folder. The model is built on the meta device and the weights are
+        assigned, so loading never holds two copies."""
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder}: no config.json (is this a model folder?)")
+        cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_weights(load_weights(folder), dtype, device, str(folder))
+        return model
+
+    def load_weights(self, state, dtype, device, where):
+        expected = {k: v for k, v in self.state_dict().items()
+                    if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{where}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        loaded = {}
+        for k, ref in expected.items():
+            if tuple(state[k].shape) != tuple(ref.shape):
+                raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies "
+                                 f"{tuple(ref.shape)}")
+            loaded[k] = state[k].to(device=device, dtype=dtype)
+            if not torch.isfinite(loaded[k]).all():
+                warnings.warn(f"{where}: tensor {k} contains NaN or Inf values")
+        self.load_state_dict(loaded, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = rope_frequencies(self.config).to(device)
+        for b in self.model.layers:
+            b.self_attn.kv_index = torch.tensor(self.config.kv_map(b.layer), device=device)
+        return self
+
+    def save_pretrained(self, folder, dtype=torch.bfloat16):
+        from checkpoint import save_json, save_safetensors
+        state = {k: v.to(dtype) for k, v in self.state_dict().items()
+                 if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        save_safetensors(state, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+        save_json({**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, Path(folder) / "config.json")
+
+
+def chunked_cross_entropy(h, weight, targets, chunk=2048):
+    """Mean cross-entropy of (N, C) hidden states against (N,) targets through the output layer, computed
+    chunk by chunk in float32; under autograd each chunk's logits are recomputed in backward, so the
+    (N, vocab) logits never exist at once."""
+    if targets.numel() == 0:
+        return h.sum() * 0.0  # no counted tokens: a zero loss that still has a graph
+    total = 0.0
+    for i in range(0, targets.numel(), chunk):
+        part = lambda hh, w, t: F.cross_entropy(F.linear(hh, w).float(), t, reduction="sum")
+        args = (h[i:i + chunk], weight, targets[i:i + chunk])
+        total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
+    return total / targets.numel()
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, vocab) float32 -> next ids (B,)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
