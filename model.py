@@ -328,8 +328,9 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, folder, dtype=torch.bfloat16):
         from checkpoint import save_json, save_safetensors
+        # only `*.weight` tensors are the model's own (adapters add lora_A / lora_B / rank_mask)
         state = {k: v.to(dtype) for k, v in self.state_dict().items()
-                 if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+                 if k.endswith("weight") and not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_safetensors(state, Path(folder) / "model.safetensors", metadata={"format": "pt"})
         save_json({**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, Path(folder) / "config.json")
 
