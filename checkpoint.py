@@ -132,7 +132,7 @@ def save_safetensors(tensors, path, metadata=None):
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for _, t in items:
-            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 class atomic_open:

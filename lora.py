@@ -55,8 +55,13 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.rank_mask  # (..., r)
-        return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
+        # The low-rank path runs in x's dtype: a bf16 model keeps A and B in fp32 but multiplies in bf16,
+        # as autocast would. s and m scale B's r columns, and the sum is one addmm: on CPU this path
+        # costs half of what y + s * ((x A^T * m) B^T) in fp32 does (bench.py).
+        A = self.lora_A.to(x.dtype)
+        B = (self.lora_B * (self.rank_mask * self.scale)).to(x.dtype)  # (out, r) = s B diag(m)
+        h = F.linear(self.dropout(x), A)  # (..., r)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(y.shape)
 
     @torch.no_grad()
     def merge(self):

@@ -61,6 +61,10 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{where}: missing required keys {missing}")
+        rope = hf.get("rope_parameters")  # transformers >= 5 writes rope_theta and the scaling in one dict
+        if isinstance(rope, dict):
+            hf = {**hf, "rope_theta": rope.get("rope_theta", hf.get("rope_theta")),
+                  "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
         kw = {ours: hf[theirs] for ours, theirs in cls.HF_KEYS.items() if theirs in hf and hf[theirs] is not None}
         kw.setdefault("n_kv_head", kw["n_head"])
         if "head_dim" not in kw:
@@ -165,6 +169,7 @@ class Attention(nn.Module):
         group = self.n_head // self.n_kv_head
         self.uniform_gqa = self.n_head % self.n_kv_head == 0 and kv_map == [h // group for h in range(self.n_head)]
         self.register_buffer("kv_index", torch.tensor(kv_map), persistent=False)
+        self.register_buffer("head_mask", None)  # (n_head,) 0/1 while structured pruning masks heads (prune.py)
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
         B, T, _ = x.shape
@@ -182,6 +187,8 @@ class Attention(nn.Module):
         else:  # a chunk after cached tokens: query i sees keys up to start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.uniform_gqa)
+        if self.head_mask is not None:  # a masked head outputs zero (into o_proj and its LoRA alike)
+            y = y * self.head_mask.view(1, -1, 1, 1).to(y.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -192,9 +199,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.register_buffer("channel_mask", None)  # (width,) 0/1 while structured pruning masks channels
 
     def forward(self, x):  # SwiGLU
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.channel_mask is not None:
+            h = h * self.channel_mask.to(h.dtype)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -337,16 +348,46 @@ class Transformer(nn.Module):
 
 def chunked_cross_entropy(h, weight, targets, chunk=2048):
     """Mean cross-entropy of (N, C) hidden states against (N,) targets through the output layer, computed
-    chunk by chunk in float32; under autograd each chunk's logits are recomputed in backward, so the
-    (N, vocab) logits never exist at once."""
+    chunk by chunk in float32, so the (N, vocab) logits never exist at once."""
     if targets.numel() == 0:
         return h.sum() * 0.0  # no counted tokens: a zero loss that still has a graph
-    total = 0.0
-    for i in range(0, targets.numel(), chunk):
-        part = lambda hh, w, t: F.cross_entropy(F.linear(hh, w).float(), t, reduction="sum")
-        args = (h[i:i + chunk], weight, targets[i:i + chunk])
-        total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
-    return total / targets.numel()
+    return LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The gradients are computed in the forward pass, chunk by chunk, while the chunk's logits exist:
+    d loss / d logits = (softmax - onehot) / N. Backward then only scales them, so the logits are computed
+    once (recomputing them in backward, as checkpointing would, costs a third more on the output layer)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, with_grad):
+        n = targets.numel()
+        grad_h = torch.empty_like(h) if with_grad and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad and ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            hh, t = h[i:i + chunk], targets[i:i + chunk]
+            logits = F.linear(hh, weight).float()  # (chunk, vocab)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad_h is not None or grad_w is not None:
+                d = logits.sub_(lse[:, None]).exp_()  # softmax
+                d[torch.arange(len(t), device=t.device), t] -= 1.0
+                d = d.to(h.dtype)
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = (d @ weight) / n
+                if grad_w is not None:
+                    grad_w += (d.t() @ hh) / n
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

@@ -84,10 +84,27 @@ class Tokenizer:
     def encode(self, text: str, allow_special=True, bos=None) -> list[int]:
         """Special tokens written in the text (e.g. <|im_start|>) become their ids, as HF does by default."""
         ids = self.enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
-        if self.unencodable:
-            ids = [i for i in ids if i not in self.unencodable]
+        if not self.unencodable.isdisjoint(ids):
+            ids = self.encode_dropping_missing_bytes(text, allow_special)
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
+        return ids
+
+    def encode_dropping_missing_bytes(self, text, allow_special):
+        """HF drops bytes its vocabulary lacks inside each pre-token *before* merging, so '!\\x04!' is the
+        single token '!!'. Redo that piece by piece; only text with such bytes takes this slow path."""
+        import regex  # tiktoken's own dependency, for the \p{..} in the split pattern
+        missing = {self.enc.decode_single_token_bytes(i)[0] for i in self.unencodable}
+        specials = sorted(self.specials, key=len, reverse=True) if allow_special else []
+        parts = regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text) if specials else [text]
+        ids = []
+        for n, part in enumerate(parts):
+            if n % 2:  # split() puts the matched special tokens at odd positions
+                ids.append(self.specials[part])
+                continue
+            for piece in regex.findall(self.enc._pat_str, part):
+                kept = bytes(b for b in piece.encode() if b not in missing)
+                ids += self.enc._encode_single_piece(kept) if kept else []
         return ids
 
     def decode(self, ids) -> str:

@@ -1,0 +1,400 @@
+"""
+Evaluation, with the numbers computed as EleutherAI's lm-evaluation-harness computes them
+(shared/docs/EVAL.md), without depending on it:
+
+- perplexity: WikiText-2 word/byte perplexity as lm-eval's `wikitext` task (pages, detokenizer,
+  rolling windows of the model's max length with a BOS prefix), and token perplexity as LLM-Pruner
+  reports it (the text joined with "\\n\\n", non-overlapping windows of --ppl_ctx tokens); PTB the same;
+- zero-shot multiple choice (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA): summed
+  log-likelihood of each continuation, acc and acc_norm;
+- GSM8K: greedy generation, strict and flexible answer extraction, 5-shot (lm-eval) or chat (zero-shot).
+
+    python eval.py --model models/smollm2-135m-instruct --tasks zeroshot,wikitext2 --output results/x.json
+"""
+import argparse
+import bz2
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import save_json
+from model import KVCache, Transformer
+from tokenizer import Tokenizer
+
+MC_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+REPORTED = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc",  # what the seeds'
+            "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}  # tables report
+DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
+    """A model folder (config.json + model.safetensors + tokenizer.json), plus a LoRA adapter if given."""
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    if adapter:
+        from lora import load_adapter  # only needed here
+        load_adapter(model, adapter)
+    return model.eval(), Tokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- multiple-choice data
+# An item is {"requests": [(context, continuation), ...], "choices": [str] or None, "gold": int}.
+# "choices" are the strings whose length normalises acc_norm (lm-eval's doc_to_choice).
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def mc_item(context, choices, gold, delimiter=" "):
+    return {"requests": [(context, delimiter + c) for c in choices], "choices": choices, "gold": gold}
+
+
+def load_boolq(data):  # Google's file turned into SuperGLUE's: passage = "{title} -- {passage}"
+    return [mc_item(f"{r['title']} -- {r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"],
+                    int(r["answer"])) for r in read_jsonl(data / "boolq" / "dev.jsonl")]
+
+
+def load_piqa(data):
+    labels = (data / "piqa" / "valid-labels.lst").read_text().split()
+    return [mc_item(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(y))
+            for r, y in zip(read_jsonl(data / "piqa" / "valid.jsonl"), labels, strict=True)]
+
+
+def load_hellaswag(data):
+    """llama.cpp's text form, scored as it is: 6 lines per item (context, gold, 4 endings), preprocessed
+    almost as lm-eval does (no ctx_b.capitalize(); a few [tags] survive; see EVAL.md)."""
+    lines = bz2.open(data / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().split("\n")
+    return [mc_item(lines[i], lines[i + 2:i + 6], int(lines[i + 1])) for i in range(0, len(lines) - 5, 6)]
+
+
+def load_winogrande(data):
+    """lm-eval's partial evaluation: one context per option (the sentence up to `_`, option filled in),
+    the same continuation (the rest of the sentence) scored after each."""
+    labels = (data / "winogrande" / "dev-labels.lst").read_text().split()
+    items = []
+    for r, y in zip(read_jsonl(data / "winogrande" / "dev.jsonl"), labels, strict=True):
+        i = r["sentence"].index("_")
+        rest = " " + r["sentence"][i + 1:].strip()
+        items.append({"requests": [(r["sentence"][:i] + o, rest) for o in (r["option1"], r["option2"])],
+                      "choices": None, "gold": int(y) - 1})
+    return items
+
+
+def load_arc(name):  # llm-foundry's conversion: query = "Question: {question}"; 11 rows padded to 4 choices
+    return lambda data: [mc_item(r["query"] + "\nAnswer:", r["choices"], r["gold"])
+                         for r in read_jsonl(data / "arc" / f"{name}.jsonl")]
+
+
+def load_openbookqa(data):
+    return [mc_item(r["question"]["stem"], [c["text"] for c in r["question"]["choices"]],
+                    [c["label"] for c in r["question"]["choices"]].index(r["answerKey"].strip()))
+            for r in read_jsonl(data / "openbookqa" / "test.jsonl")]
+
+
+LOADERS = {"boolq": load_boolq, "piqa": load_piqa, "hellaswag": load_hellaswag, "winogrande": load_winogrande,
+           "arc_easy": load_arc("arc_easy"), "arc_challenge": load_arc("arc_challenge"),
+           "openbookqa": load_openbookqa}
+
+
+# ----------------------------------------------------------------------------- the log-likelihood engine
+
+def encode_pair(tok, context, continuation):
+    """lm-eval's _encode_pair: trailing spaces of the context move onto the continuation; the continuation
+    is the tokens of encode(context + continuation) after the len(encode(context)) first ones."""
+    if not context:  # lm-eval conditions an empty context on the prefix token
+        return [tok.bos_id if tok.bos_id is not None else tok.eos_id], tok.encode(continuation, bos=False)
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    whole, ctx = tok.encode(context + continuation, bos=False), tok.encode(context, bos=False)
+    return ctx, whole[len(ctx):]
+
+
+def prefix_cache(model, prefix, batch, length):
+    """A KV cache with room for `length` positions, holding `prefix` (a list of ids), copied `batch` times."""
+    w = model.lm_head.weight
+    cache = KVCache(model, 1, length, w.dtype, w.device)
+    if prefix:
+        model.hidden_states(torch.tensor([prefix], device=w.device), cache=cache)
+    cache.k = [k.repeat(batch, 1, 1, 1) for k in cache.k]
+    cache.v = [v.repeat(batch, 1, 1, 1) for v in cache.v]
+    return cache
+
+
+@torch.inference_mode()
+def loglikelihoods(model, requests, batch_size=8):
+    """Summed log-probability of each continuation given its context, for [(context_ids, continuation_ids)].
+    Requests with the same context run it once: context[:-1] fills a KV cache, copied across a batch of
+    rows [context[-1]] + continuation[:-1] (right-padded), whose logits score the continuation tokens."""
+    groups, out, device = {}, [0.0] * len(requests), model.lm_head.weight.device
+    for i, (ctx, cont) in enumerate(requests):
+        groups.setdefault(tuple(ctx), []).append(i)
+    for ctx, members in groups.items():
+        for b in range(0, len(members), batch_size):
+            idxs = members[b:b + batch_size]
+            conts = [requests[i][1] for i in idxs]
+            longest = max(len(c) for c in conts)
+            c = list(ctx[-(model.config.max_seq_len + 1 - longest):])  # lm-eval's left truncation
+            cache = prefix_cache(model, c[:-1], len(idxs), len(c) - 1 + longest)
+            rows = torch.zeros(len(idxs), longest, dtype=torch.long, device=device)  # (B, T), right-padded
+            for r, cont in enumerate(conts):
+                rows[r, :len(cont)] = torch.tensor([c[-1]] + cont[:-1])
+            logits, _ = model(rows, cache=cache, start=len(c) - 1)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
+            for r, (i, cont) in enumerate(zip(idxs, conts)):
+                out[i] = logp[r, torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+    return out
+
+
+def mean_stderr(xs):
+    """Mean and its standard error: sample standard deviation (ddof 1) / sqrt(n)."""
+    n, m = len(xs), sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
+
+
+def argmax(xs):  # the first index of the largest value, as np.argmax
+    return max(range(len(xs)), key=lambda i: xs[i])
+
+
+def score_mc(model, tok, items, batch_size=8):
+    """acc = argmax of the summed log-likelihoods; acc_norm = argmax of them divided by len(choice), the
+    choice's length in characters as lm-eval counts it (Python len of the string, no leading space)."""
+    requests = [encode_pair(tok, c, k) for it in items for c, k in it["requests"]]
+    lls, at = loglikelihoods(model, requests, batch_size), 0
+    acc, acc_norm = [], []
+    for it in items:
+        ll, at = lls[at:at + len(it["requests"])], at + len(it["requests"])
+        acc.append(float(argmax(ll) == it["gold"]))
+        if it["choices"] is not None:
+            acc_norm.append(float(argmax([l / len(c) for l, c in zip(ll, it["choices"])]) == it["gold"]))
+    res = dict(zip(["acc", "acc_stderr"], mean_stderr(acc)))
+    if acc_norm:
+        res.update(zip(["acc_norm", "acc_norm_stderr"], mean_stderr(acc_norm)))
+    return res | {"rows": len(items)}
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def wikitext_pages(raw):
+    """EleutherAI/wikitext_document_level's pages: a line that is a top-level heading starts a new page."""
+    pages, page = [], []
+    for line in raw.split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            if "\n".join(page).strip():
+                pages.append("\n".join(page))
+            page = []
+        page.append(line)
+    return pages + ["\n".join(page)] if page else pages
+
+
+def wikitext_detokenizer(string):
+    """lm-eval's lm_eval/tasks/wikitext/preprocess_wikitext.py, step for step."""
+    string = string.replace("s '", "s'")
+    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
+    for a, b in [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
+                 (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]:
+        string = string.replace(a, b)
+    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
+    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
+    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
+    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
+    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    for a, b in [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" " + chr(176) + " ", chr(176)),
+                 (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]:
+        string = string.replace(a, b)
+    return string
+
+
+def rolling_windows(tokens, prefix, L):
+    """lm-eval's get_rolling_token_windows (context_len 1) + make_disjoint_window, as (input, n_scored):
+    the first window is [prefix] + tokens[:L-1]; each later one predicts the next up to L tokens with a
+    full L-token input; the scored tokens are always the last n_scored targets of the input."""
+    done = min(L, len(tokens))  # the first window
+    if tokens:
+        yield [prefix] + tokens[:done - 1], done
+    while done < len(tokens):
+        n = min(len(tokens) - done, L)
+        yield tokens[done + n - L - 1:done + n - 1], n
+        done += n
+
+
+@torch.inference_mode()
+def rolling_loglikelihood(model, tokens, prefix, L):
+    """Sum of log p(token | previous tokens) over a document, with lm-eval's rolling windows."""
+    device, total, done = model.lm_head.weight.device, 0.0, 0
+    for inp, n in rolling_windows(tokens, prefix, L):  # only the last n positions count
+        targets = torch.tensor([[-1] * (len(inp) - n) + tokens[done:done + n]], device=device)
+        _, loss = model(torch.tensor([inp], device=device), targets)
+        total -= loss.item() * n
+        done += n
+    return total
+
+
+@torch.inference_mode()
+def token_perplexity(model, tokens, ctx, batch_size=8, limit=None):
+    """LLM-Pruner's perplexity: non-overlapping windows of ctx tokens (the tail shorter than ctx dropped),
+    each predicting its ctx - 1 last tokens; exp(mean NLL over all predicted tokens)."""
+    windows = torch.tensor(tokens[:len(tokens) // ctx * ctx]).view(-1, ctx)[:limit]
+    nll = 0.0
+    for b in range(0, len(windows), batch_size):
+        w = windows[b:b + batch_size].to(model.lm_head.weight.device)
+        _, loss = model(w[:, :-1], w[:, 1:])
+        nll += loss.item() * w[:, 1:].numel()
+    n = len(windows) * (ctx - 1)
+    return {"token_perplexity": math.exp(nll / n), "token_ppl_ctx": ctx, "tokens": n, "windows": len(windows)}
+
+
+def perplexity(model, tok, docs, token_text, args):
+    """docs: [(text to score, text whose words and bytes are counted)]."""
+    L = args.max_length or model.config.max_seq_len
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    ll = sum(rolling_loglikelihood(model, tok.encode(text, bos=False), prefix, L) for text, _ in docs)
+    words = sum(len(re.split(r"\s+", counted)) for _, counted in docs)
+    nbytes = sum(len(counted.encode("utf-8")) for _, counted in docs)
+    res = {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
+           "bits_per_byte": -ll / nbytes / math.log(2), "rows": len(docs), "words": words, "max_length": L}
+    # the token perplexity's text gets the tokenizer's own BOS (if it adds one), as LLM-Pruner's does
+    res |= token_perplexity(model, tok.encode(token_text), args.ppl_ctx, args.batch_size, args.limit)
+    return res | {"definition": f"word/byte: lm-eval rolling loglikelihood, max length {L}, BOS prefix; token: "
+                                f"LLM-Pruner, '\\n\\n'-joined text, non-overlapping {args.ppl_ctx}-token windows"}
+
+
+def eval_wikitext2(model, tok, args):
+    raw = (args.data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    pages = wikitext_pages(raw)[:args.limit]
+    rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]  # Hugging Face's rows
+    return perplexity(model, tok, [(wikitext_detokenizer(p), p) for p in pages], "\n\n".join(rows), args)
+
+
+def eval_ptb(model, tok, args):
+    """PTB: the whole test file is one document for the rolling numbers (--limit: its first N lines)."""
+    lines = (args.data / "ptb" / "ptb.test.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    doc = "\n".join(lines[:args.limit]) + "\n"
+    return perplexity(model, tok, [(doc, doc)], "\n\n".join(line.strip() for line in lines), args)
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+def extract_answers(text):
+    """lm-eval gsm8k filters: strict = first `#### number`; flexible = the last number-like string."""
+    strict = re.findall(r"#### (\-?[0-9\.\,]+)", text)
+    flexible = [a or b for a, b in re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)]
+    return (strict[0].strip() if strict else "[invalid]"), (flexible[-1].strip() if flexible else "[invalid]")
+
+
+def normalize_number(s):
+    """lm-eval's exact_match regexes_to_ignore, in order: ',', '$', everything up to '#### ', a trailing '.'."""
+    for pattern in [",", r"\$", r"(?s).*#### ", r"\.$"]:
+        s = re.sub(pattern, "", s)
+    return s.lower()
+
+
+@torch.inference_mode()
+def greedy_until(model, tok, prompt, max_new_tokens, stop_strings=()):
+    """Greedy decoding with a KV cache until a stop id, a stop string or max_new_tokens; the text is cut
+    at the first stop string, as lm-eval's generate_until does."""
+    ids = tok.encode(prompt, bos=False)[-(model.config.max_seq_len - max_new_tokens):]
+    device, new = model.lm_head.weight.device, []
+    cache = prefix_cache(model, ids[:-1], 1, len(ids) + max_new_tokens)
+    x, start = torch.tensor([ids[-1:]], device=device), len(ids) - 1
+    for _ in range(max_new_tokens):
+        logits, _ = model(x, cache=cache, start=start, last_only=True)
+        nxt, start = int(logits[0, -1].argmax()), start + 1
+        if nxt in tok.stop_ids:
+            break
+        new.append(nxt)
+        if any(s in tok.decode(new[-16:]) for s in stop_strings):
+            break
+        x = torch.tensor([[nxt]], device=device)
+    text = tok.decode(new)
+    for s in stop_strings:
+        text = text.split(s)[0]
+    return text
+
+
+def eval_gsm8k(model, tok, args):
+    """fewshot: lm-eval's gsm8k (first 5 train examples as exemplars, "Question: …\\nAnswer:", stop at
+    "Question:"); chat: zero-shot, the question as the user turn of the chat format (fine-tuned models)."""
+    test = read_jsonl(args.data / "gsm8k" / "test.jsonl")[:args.limit]
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"
+                    for r in read_jsonl(args.data / "gsm8k" / "train.jsonl")[:5])
+    strict, flexible = [], []
+    for r in test:
+        if args.gsm8k_mode == "fewshot":
+            text = greedy_until(model, tok, shots + f"Question: {r['question']}\nAnswer:", args.max_new_tokens,
+                                ["Question:", "</s>", "<|im_end|>"])
+        else:
+            prompt = tok.apply_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
+            text = greedy_until(model, tok, prompt, args.max_new_tokens)
+        gold = normalize_number(r["answer"])
+        s, f = extract_answers(text)
+        strict.append(float(normalize_number(s) == gold))
+        flexible.append(float(normalize_number(f) == gold))
+    return (dict(zip(["strict_match", "strict_match_stderr"], mean_stderr(strict)))
+            | dict(zip(["flexible_extract", "flexible_extract_stderr"], mean_stderr(flexible)))
+            | {"rows": len(test), "mode": args.gsm8k_mode, "shots": 5 if args.gsm8k_mode == "fewshot" else 0})
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_task(name, model, tok, args):
+    special = {"wikitext2": eval_wikitext2, "ptb": eval_ptb, "gsm8k": eval_gsm8k}
+    if name in special:
+        return special[name](model, tok, args)
+    return score_mc(model, tok, LOADERS[name](args.data)[:args.limit], args.batch_size)
+
+
+def print_row(name, res):
+    for metric, value in res.items():
+        if isinstance(value, float) and not metric.endswith("_stderr") and metric != "seconds":
+            err = res.get(metric + "_stderr")
+            print(f"{name:<14} {metric:<18} {value:>10.4f} {'' if err is None else f'{err:.4f}':>8} "
+                  f"{res.get('rows', ''):>6} {res['seconds']:>8}", flush=True)
+    if "definition" in res:
+        print(f"{'':<14} ({res['definition']})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/smollm2-135m-instruct", help="model folder")
+    p.add_argument("--adapter", help="LoRA adapter folder (peft format) loaded onto the model")
+    p.add_argument("--tasks", default="zeroshot", help=f"comma list of wikitext2, ptb, {', '.join(MC_TASKS)}, "
+                                                       "gsm8k; 'zeroshot' = the seven multiple-choice tasks")
+    p.add_argument("--limit", type=int, help="first N rows (wikitext2: pages; ptb: lines; token perplexity: windows)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max_length", type=int, help="rolling-window length (default: the model's max_seq_len)")
+    p.add_argument("--ppl_ctx", type=int, default=128, help="window of the token perplexity (LLM-Pruner: 128)")
+    p.add_argument("--gsm8k_mode", default="fewshot", choices=["fewshot", "chat"],
+                   help="fewshot: lm-eval's 5-shot gsm8k (parity); chat: zero-shot in the fine-tuning chat format")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--output", help="write the results as JSON here")
+    args = p.parse_args()
+    names = [t for name in args.tasks.split(",") for t in (MC_TASKS if name == "zeroshot" else [name])]
+    unknown = [n for n in names if n not in ["wikitext2", "ptb", "gsm8k", *MC_TASKS]]
+    if unknown:
+        p.error(f"unknown task(s) {unknown}; known: wikitext2, ptb, gsm8k, {', '.join(MC_TASKS)}, zeroshot")
+    model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
+    out = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "limit": args.limit, "tasks": {}}
+    print(f"{'task':<14} {'metric':<18} {'value':>10} {'stderr':>8} {'rows':>6} {'seconds':>8}")
+    for name in names:
+        t0 = time.time()
+        res = run_task(name, model, tok, args) | {"seconds": round(time.time() - t0, 1)}
+        out["tasks"][name] = res
+        print_row(name, res)
+        if all(t in out["tasks"] for t in MC_TASKS):
+            out["zeroshot_average"] = sum(out["tasks"][t][REPORTED[t]] for t in MC_TASKS) / len(MC_TASKS)
+        if args.output:
+            save_json(out, args.output)  # after every task, so a long run keeps what it has
+    if "zeroshot_average" in out:
+        print(f"{'average (7)':<14} {'reported metrics':<18} {out['zeroshot_average']:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""eval.py against closed-form answers: a bigram "model" whose logits are a chosen table (a real Transformer
+whose blocks add nothing), a character tokenizer, lm-eval's definitions (checked against lm_eval itself
+where it is installed), and direct computations on a tiny random model."""
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as E
+from conftest import tiny_config, tiny_model
+from model import Transformer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"  # ids 0..28; 30 = BOS, 31 = EOS; vocab 32
+
+
+class CharTokenizer:
+    bos_id, eos_id, stop_ids = 30, 31, [31]
+
+    def encode(self, text, bos=False):
+        return ([self.bos_id] if bos else []) + [ALPHABET.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(ALPHABET[i] for i in ids if i < len(ALPHABET))
+
+
+def bigram_model(table):
+    """A Transformer whose logits at position t are table[idx[t]]: one-hot embeddings, blocks whose output
+    projections are zero (so they add nothing), a final norm that leaves one-hot vectors as they are."""
+    V = table.shape[0]
+    model = Transformer(tiny_config(vocab_size=V, hidden_size=V, n_layer=1, tie_word_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(V))
+        model.model.norm.weight.fill_(math.sqrt(1 / V + model.config.rms_norm_eps))
+        model.lm_head.weight.copy_(table.T)
+    return model.eval()
+
+
+def c(ch):
+    return ALPHABET.index(ch)
+
+
+def test_bigram_model_gives_the_table():
+    table = torch.randn(32, 32)
+    idx = torch.tensor([[0, 5, 7, 7, 30]])
+    logits, _ = bigram_model(table)(idx)
+    assert torch.allclose(logits[0], table[idx[0]], atol=1e-5)
+
+
+def test_multiple_choice_acc_and_acc_norm_differ_on_purpose():
+    table = torch.zeros(32, 32)
+    table[c("c"), c("c")] = 10.0  # "c" after "c" is almost certain; everything else is uniform
+    model, tok = bigram_model(table), CharTokenizer()
+    logp = F.log_softmax(table, dim=-1)
+    u, cc = logp[0, 0].item(), logp[c("c"), c("c")].item()  # uniform step; "c" after "c"
+    items = [
+        # " c" scores 2u; " cccc" 2u + 3cc (a hair lower) but per character it is far better -> acc 0, acc_norm 1
+        E.mc_item("ab", ["c", "cccc"], gold=1),
+        # both metrics pick "cccc" over "dd" (2u + 3cc > 3u and per character too) -> acc 1, acc_norm 1
+        E.mc_item("ab", ["dd", "cccc"], gold=1),
+        # acc picks "c" (gold) and acc_norm "cccc" -> acc 1, acc_norm 0
+        E.mc_item("x", ["c", "cccc"], gold=0),
+    ]
+    lls = E.loglikelihoods(model, [E.encode_pair(tok, a, b) for it in items for a, b in it["requests"]])
+    expected = [2 * u, 2 * u + 3 * cc, 3 * u, 2 * u + 3 * cc, 2 * u, 2 * u + 3 * cc]
+    assert lls == pytest.approx(expected, abs=1e-4)
+    res = E.score_mc(model, tok, items)
+    assert res["acc"] == pytest.approx(2 / 3) and res["acc_norm"] == pytest.approx(2 / 3)
+    assert res["rows"] == 3
+    assert res["acc_stderr"] == pytest.approx(math.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 2 / 3))
+    one = E.score_mc(model, tok, items[:1])
+    assert (one["acc"], one["acc_norm"]) == (0.0, 1.0)
+
+
+def test_ties_go_to_the_first_choice_and_winogrande_has_no_acc_norm():
+    model, tok = bigram_model(torch.zeros(32, 32)), CharTokenizer()  # every continuation of equal length ties
+    res = E.score_mc(model, tok, [E.mc_item("ab", ["cd", "ef"], gold=0),
+                                  {"requests": [("a", " xy"), ("b", " xy")], "choices": None, "gold": 0}])
+    assert res["acc"] == 1.0 and "acc_norm" in res
+    res = E.score_mc(model, tok, [{"requests": [("a", " xy"), ("b", " xy")], "choices": None, "gold": 1}])
+    assert res["acc"] == 0.0 and "acc_norm" not in res
+
+
+def test_encode_pair_moves_trailing_spaces_and_splits_the_joint_encoding():
+    tok = CharTokenizer()
+    assert E.encode_pair(tok, "ab  ", "cd") == ([c("a"), c("b")], [c(" "), c(" "), c("c"), c("d")])
+    assert E.encode_pair(tok, "", "cd") == ([tok.bos_id], [c("c"), c("d")])
+
+
+def test_loglikelihoods_equal_a_direct_computation_on_a_tiny_model():
+    model = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, 97, (n,), generator=g).tolist()
+    ctx_a, ctx_b = rand(7), rand(1)
+    requests = [(ctx_a, rand(3)), (ctx_a, rand(1)), (ctx_b, rand(5)), (ctx_a, rand(6)), (ctx_b, rand(2))]
+    for batch_size in (1, 2, 8):
+        ours = E.loglikelihoods(model, requests, batch_size=batch_size)
+        for (ctx, cont), ll in zip(requests, ours):
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ctx + cont]))
+            logp = F.log_softmax(logits[0, len(ctx) - 1:-1].float(), dim=-1)
+            assert ll == pytest.approx(logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item(), abs=1e-4)
+
+
+def test_rolling_windows_partition_the_document():
+    tokens = list(range(100, 123))  # 23 tokens
+    for L in (1, 4, 5, 23, 30):
+        windows = list(E.rolling_windows(tokens, 0, L))
+        assert sum(n for _, n in windows) == len(tokens)
+        assert all(len(inp) <= L and n <= len(inp) for inp, n in windows)
+        assert windows[0][0][0] == 0  # the BOS prefix
+    assert list(E.rolling_windows([], 0, 4)) == []
+
+
+def test_rolling_windows_match_lm_eval():
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    tokens = list(range(100, 137))
+    for L in (1, 5, 8, 36, 37, 50):
+        theirs = [lm_utils.make_disjoint_window(w) for w in
+                  lm_utils.get_rolling_token_windows(tokens, prefix_token=0, max_seq_len=L, context_len=1)]
+        ours = [(inp, n) for inp, n in E.rolling_windows(tokens, 0, L)]
+        # theirs: (context, continuation) fed as (context + continuation)[:-1], scoring the continuation
+        assert [((a + b)[:-1], len(b)) for a, b in theirs] == ours
+
+
+def test_rolling_loglikelihood_equals_a_direct_computation():
+    model = tiny_model(seed=2)
+    tokens = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    for L in (8, 13, 64):
+        stream, direct, done = [1] + tokens, 0.0, 0  # window inputs are slices of the BOS-prefixed stream
+        for inp, n in E.rolling_windows(tokens, 1, L):
+            s = 0 if done == 0 else done + n - L
+            assert stream[s:s + len(inp)] == inp
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([inp]))
+            logp = F.log_softmax(logits[0].float(), dim=-1)[-n:]  # the last n positions are scored
+            direct += logp[torch.arange(n), torch.tensor(stream[s + 1:s + 1 + len(inp)][-n:])].sum().item()
+            done += n
+        assert E.rolling_loglikelihood(model, tokens, 1, L) == pytest.approx(direct, abs=1e-3)
+    with torch.no_grad():  # one window: log p(tokens | BOS) from a single forward
+        logits, _ = model(torch.tensor([[1] + tokens[:-1]]))
+    full = F.log_softmax(logits[0], -1)[torch.arange(40), torch.tensor(tokens)].sum().item()
+    assert E.rolling_loglikelihood(model, tokens, 1, 64) == pytest.approx(full, abs=1e-3)
+
+
+def test_word_perplexity_arithmetic_on_a_uniform_model():
+    model, tok = bigram_model(torch.zeros(32, 32)), CharTokenizer()  # every token costs log 32
+    docs = [("ab cd", "ab cd"), ("efg", "e f g")]  # scored text vs the text whose words and bytes count
+    args = SimpleNamespace(max_length=4, ppl_ctx=3, batch_size=2, limit=None)
+    res = E.perplexity(model, tok, docs, "abcdefghij", args)
+    ll = -(5 + 3) * math.log(32)
+    assert res["word_perplexity"] == pytest.approx(math.exp(-ll / (2 + 3)), rel=1e-4)
+    assert res["byte_perplexity"] == pytest.approx(math.exp(-ll / (5 + 5)), rel=1e-4)
+    assert res["bits_per_byte"] == pytest.approx(-ll / 10 / math.log(2), rel=1e-4)
+    assert res["token_perplexity"] == pytest.approx(32.0, rel=1e-4)
+    assert (res["windows"], res["tokens"]) == (3, 6)  # 10 tokens -> 3 windows of 3, 2 predicted each
+
+
+def test_word_count_keeps_empty_ends_as_lm_eval():
+    assert len(re.split(r"\s+", " a b \n")) == 4
+
+
+def test_wikitext_pages_and_detokenizer():
+    raw = (" \n = Page one = \n \n Some text @-@ here , and 3 @,@ 000 . \n \n = = Section = = \n More ( x ) . \n"
+           " \n = Page two = \n Text 's end \n")
+    pages = E.wikitext_pages(raw)
+    assert pages == [" = Page one = \n \n Some text @-@ here , and 3 @,@ 000 . \n \n = = Section = = \n More ( x ) . \n ",
+                     " = Page two = \n Text 's end \n"]
+    assert E.wikitext_detokenizer(pages[0]) == " = Page one =\n\nSome text-here, and 3,000.\n\n== Section ==\nMore (x).\n"
+    assert E.wikitext_detokenizer(pages[1]) == " = Page two =\nText's end\n"
+    assert E.wikitext_pages(" = A = \n = = not a page = = \n = B = \n") == [" = A = \n = = not a page = = ", " = B = \n"]
+
+
+def test_wikitext_matches_lm_eval_detokenizer():
+    pre = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
+    raw = (E.DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    pages = E.wikitext_pages(raw)
+    assert len(pages) == 62
+    for page in pages[:10]:
+        assert E.wikitext_detokenizer(page) == pre.wikitext_detokenizer({"page": page})
+
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("so 3 + 4 = 7.\n#### 1,234", "1234", "1234"),
+    ("The answer is $1,000.50.", "[invalid]", "1000.50"),
+    ("#### -5\nQuestion: then 12", "-5", "12"),
+    ("costs $18.", "[invalid]", "18"),
+    ("nothing here", "[invalid]", "[invalid]"),
+    ("#### 42.", "42", "42"),
+    ("it is 7", "[invalid]", "7"),
+])
+def test_gsm8k_answer_extraction(text, strict, flexible):
+    s, f = E.extract_answers(text)
+    assert (E.normalize_number(s), E.normalize_number(f)) == (strict, flexible)
+
+
+def test_gsm8k_reference_normalisation():
+    assert E.normalize_number("She pays 2 * 3 = <<2*3=6>>6\n#### 1,006") == "1006"
+
+
+def test_greedy_until_cuts_at_stop_strings():
+    table = torch.full((32, 32), -10.0)
+    for a, b in zip("abcde", "bcdea"):  # a -> b -> c -> d -> e -> a ...
+        table[c(a), c(b)] = 10.0
+    model, tok = bigram_model(table), CharTokenizer()
+    assert E.greedy_until(model, tok, "xa", 8) == "bcdeabcd"
+    assert E.greedy_until(model, tok, "xa", 8, stop_strings=["ea"]) == "bcd"
+    table[c("c"), :] = -10.0
+    table[c("c"), tok.eos_id] = 10.0
+    assert E.greedy_until(bigram_model(table), tok, "a", 8) == "bc"
+
+
+def test_deterministic():
+    model, tok = tiny_model(seed=4), CharTokenizer()
+    items = [E.mc_item("the cat", ["sat", "ran off", "is"], gold=i % 3) for i in range(5)]
+    assert E.score_mc(model, tok, items) == E.score_mc(model, tok, items)
+
+
+def test_real_tokenizer_pairs_and_data_rows(tokenizer):
+    ctx, cont = E.encode_pair(tokenizer, "Question: Is it?\nAnswer: ", "yes")
+    assert ctx == tokenizer.encode("Question: Is it?\nAnswer:") and tokenizer.decode(cont) == " yes"
+    counts = {name: len(load(E.DATA)) for name, load in E.LOADERS.items()}
+    assert counts == {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
+                      "arc_challenge": 1172, "openbookqa": 500}
+
+
+def test_parity_with_lm_eval_on_a_few_rows(model_dir, model_fp32, tokenizer):
+    """lm_eval's own HF engine on the same (context, continuation) pairs: 3 ARC-Easy rows, 12 requests."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    items = E.LOADERS["arc_easy"](E.DATA)[:3]
+    pairs = [r for it in items for r in it["requests"]]
+    theirs = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
+    ours = E.loglikelihoods(model_fp32, [E.encode_pair(tokenizer, *p) for p in pairs])
+    assert ours == pytest.approx(theirs, abs=1e-3)

@@ -1,0 +1,337 @@
+"""Structured pruning of the base (prune.py §2) against independent answers: the masked model (compacted ==
+masked), parameter counts by hand from the widths, autograd (Taylor), the exact change of B A after one SGD
+step (LoRAPrune's estimate), and transformers loading a uniformly pruned folder."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from lora import apply_lora, lora_modules
+from model import Transformer
+import prune
+
+
+def with_lora(model, seed=0):
+    """LoRA on every projection with a nonzero B, so the adapters change the outputs."""
+    apply_lora(model, r=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return model
+
+
+def set_masks(model, heads, channels):
+    """heads: {layer: list of 0/1 per query head}; channels: {layer: indices of channels to mask}."""
+    prune.add_masks(model)
+    for l, mask in heads.items():
+        model.model.layers[l].self_attn.head_mask.copy_(torch.tensor(mask, dtype=torch.float32))
+    for l, idx in channels.items():
+        model.model.layers[l].mlp.channel_mask[idx] = 0
+
+
+def by_hand(model):
+    """Parameters from the widths alone: embeddings (+ untied head), per layer q/k/v/o, MLP and two norms."""
+    c = model.config
+    n = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    for l in range(c.n_layer):
+        kv_map = c.kv_map(l)
+        n += c.hidden_size * c.head_dim * 2 * (len(kv_map) + max(kv_map) + 1)
+        n += 3 * c.hidden_size * c.intermediate(l) + 2 * c.hidden_size
+    return n
+
+
+IDX = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+CASES = {  # 4 query heads reading 2 kv heads as [0, 0, 1, 1]
+    "kv-head-without-readers": ({0: [0, 0, 1, 1], 1: [1, 1, 1, 1]}, {0: [1, 5, 7], 1: []}),
+    "uneven-groups-left": ({0: [1, 0, 1, 1], 1: [0, 1, 1, 1]}, {0: list(range(0, 48, 2)), 1: [0]}),
+    "one-head-left": ({0: [0, 0, 0, 1], 1: [1, 0, 0, 0]}, {0: list(range(47)), 1: list(range(10, 40))}),
+    "whole-group": ({0: [1, 1, 0, 0], 1: [0, 0, 1, 1]}, {0: [3], 1: [4]}),
+}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("case", CASES)
+def test_compacted_equals_masked(case, lora):
+    model = tiny_model(seed=2)
+    if lora:
+        with_lora(model)
+    set_masks(model, *CASES[case])
+    with torch.no_grad():
+        masked = model(IDX)[0]
+        removed, before = prune.masked_params(model), prune.count_params(model)
+        prune.compact(model)
+        compacted = model(IDX)[0]
+    torch.testing.assert_close(compacted, masked, atol=1e-5, rtol=1e-5)
+    assert prune.count_params(model) == by_hand(model) == before - removed
+    if case == "kv-head-without-readers":
+        assert model.config.layer_kv_map[0] == [0, 0]  # kv head 0 went with its two query heads
+    for m in lora_modules(model).values():  # LoRA matrices were sliced with their base weights
+        assert m.lora_B.shape[0] == m.weight.shape[0] and m.lora_A.shape[1] == m.weight.shape[1]
+
+
+def test_random_masks_compacted_equals_masked_with_lora():
+    g = torch.Generator().manual_seed(7)
+    for trial in range(5):
+        model = with_lora(tiny_model(seed=trial, n_head=6, n_kv_head=2), seed=trial)
+        heads = {l: (torch.rand(6, generator=g) > 0.5).float().tolist() for l in range(2)}
+        for mask in heads.values():
+            mask[int(torch.randint(6, (1,), generator=g))] = 1.0  # at least one head per layer
+        channels = {l: torch.randperm(48, generator=g)[:int(torch.randint(47, (1,), generator=g))] for l in range(2)}
+        set_masks(model, heads, channels)
+        with torch.no_grad():
+            masked = model(IDX)[0]
+            prune.compact(model)
+            torch.testing.assert_close(model(IDX)[0], masked, atol=1e-5, rtol=1e-5)
+        assert prune.count_params(model) == by_hand(model)
+
+
+def test_sparsity_zero_is_the_identity():
+    model = with_lora(tiny_model(seed=3))
+    with torch.no_grad():
+        dense = model(IDX)[0]
+    plan, planned = prune.prune_plan(model, 0.0, kept_layers=())
+    assert planned == 0 and all(v == (0, 0) for v in plan.values())
+    before = prune.count_params(model)
+    prune.choose_masks(model, prune.magnitude_scores(model), plan)
+    prune.compact(model)
+    with torch.no_grad():
+        assert torch.equal(model(IDX)[0], dense)
+    assert prune.count_params(model) == before
+    assert model.config.layer_kv_map is None and model.config.layer_intermediate is None
+
+
+@pytest.mark.parametrize("whole_groups", [False, True])
+@pytest.mark.parametrize("method", ["magnitude", "random", "wanda", "llm_pruner", "loraprune"])
+def test_every_method_reaches_the_planned_sparsity(method, whole_groups):
+    model = tiny_model(seed=4, n_layer=4, n_head=6, n_kv_head=3, intermediate_size=64)
+    if method == "loraprune":
+        with_lora(model)
+    batches = [torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    total = prune.count_params(model)
+    plan, planned = prune.prune_plan(model, 0.25, kept_layers=[0], whole_groups=whole_groups)
+    assert abs(planned - 0.25) < 0.02 and 0 not in plan
+    heads = {l: h for l, (h, _) in plan.items()}
+    assert len(set(heads.values())) == 1  # the same ratio in every prunable layer
+    prune.choose_masks(model, prune.structured_scores(model, method, batches), plan, whole_groups)
+    removed = prune.masked_params(model)
+    prune.compact(model)
+    assert prune.count_params(model) == total - removed == by_hand(model)
+    if whole_groups:  # kv heads are in the plan's count, so it is exact
+        assert total - prune.count_params(model) == round(planned * total)
+    else:  # kv heads whose query heads all went come on top
+        assert total - prune.count_params(model) >= round(planned * total)
+
+
+def test_plan_refuses_what_it_cannot_do():
+    model = tiny_model()
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
+            prune.prune_plan(model, bad)
+    with pytest.raises(ValueError, match="out of reach"):  # 97*32 embedding + layer 1 kept: 0.6 is impossible
+        prune.prune_plan(model, 0.6)
+    set_masks(model, {0: [1, 0, 1, 1]}, {})
+    prune.compact(model)  # layer 0 now has uneven groups [0, 1, 1]
+    with pytest.raises(ValueError, match="whole_groups needs even GQA groups"):
+        prune.prune_plan(model, 0.1, kept_layers=(), whole_groups=True)
+
+
+def test_compaction_refuses_a_layer_without_heads():
+    model = tiny_model()
+    set_masks(model, {1: [0, 0, 0, 0]}, {})
+    with pytest.raises(ValueError, match="layer 1: every attention head is masked"):
+        prune.compact(model)
+
+
+def test_masks_only_grow():
+    model = tiny_model(seed=5)
+    plan, _ = prune.prune_plan(model, 0.1, kept_layers=())
+    prune.choose_masks(model, prune.random_scores(model, seed=0), plan)
+    first = [b.self_attn.head_mask.clone() for b in model.model.layers]
+    plan, _ = prune.prune_plan(model, 0.2, kept_layers=())
+    prune.choose_masks(model, prune.random_scores(model, seed=1), plan)
+    for b, before in zip(model.model.layers, first):
+        assert bool((b.self_attn.head_mask <= before).all())  # a pruned head never comes back
+
+
+def test_taylor_scores_equal_autograd():
+    model = tiny_model(seed=6)
+    batches = [torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    scores = prune.taylor_scores(model, batches)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad()
+    for b in batches:
+        (prune.batch_loss(model, b) / len(batches)).backward()
+    hd = 8
+    for l, block in enumerate(model.model.layers):
+        a, m = block.self_attn, block.mlp
+        imp = {n: (mod.weight * mod.weight.grad).abs() for n, mod in prune.projections(block)}
+        heads = [imp["q_proj"][h * hd:(h + 1) * hd].sum() + imp["o_proj"][:, h * hd:(h + 1) * hd].sum() for h in range(4)]
+        kv = [imp["k_proj"][g * hd:(g + 1) * hd].sum() + imp["v_proj"][g * hd:(g + 1) * hd].sum() for g in range(2)]
+        channels = imp["gate_proj"].sum(1) + imp["up_proj"].sum(1) + imp["down_proj"].sum(0)
+        torch.testing.assert_close(scores[l]["heads"], torch.stack(heads), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(scores[l]["kv"], torch.stack(kv), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(scores[l]["channels"], channels, rtol=1e-5, atol=1e-9)
+    for p in model.parameters():
+        assert p.grad is None or p.requires_grad  # nothing left half-changed
+    second = prune.taylor_scores(model, batches, order="second")
+    assert all(bool((s["heads"] >= 0).all()) for s in second.values())
+
+
+def test_wanda_scores_equal_the_formula():
+    model = tiny_model(seed=8)
+    batch = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    scores = prune.wanda_scores(model, [batch])
+    inputs = {}
+    mlp = model.model.layers[1].mlp
+    hook = mlp.down_proj.register_forward_hook(lambda mod, args, out: inputs.update(x=args[0]))
+    gate = mlp.gate_proj.register_forward_hook(lambda mod, args, out: inputs.update(h=args[0]))
+    with torch.no_grad():
+        prune.batch_loss(model, batch)
+    hook.remove(), gate.remove()
+    norm_in = inputs["h"].reshape(-1, 32).norm(dim=0)  # ||X_j|| over the 30 tokens, for gate and up
+    norm_mid = inputs["x"].reshape(-1, 48).norm(dim=0)  # for down_proj
+    expected = ((mlp.gate_proj.weight.abs() + mlp.up_proj.weight.abs()) * norm_in).sum(1) \
+        + (mlp.down_proj.weight.abs() * norm_mid).sum(0)
+    torch.testing.assert_close(scores[1]["channels"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_loraprune_estimate_is_the_change_of_BA_after_one_sgd_step():
+    model = with_lora(tiny_model(seed=9))
+    batch = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(2))
+    prune.batch_loss(model, batch).backward()
+    mods = lora_modules(model)
+    estimates = {n: prune.loraprune_grad_estimate(m) for n, m in mods.items()}
+    # the group score: (G_W * (W0 + s B A))^2 summed over a channel's gate row, up row and down column
+    mlp = {n: mods[f"model.layers.0.mlp.{n}"] for n in ("gate_proj", "up_proj", "down_proj")}
+    imp = {n: (estimates[f"model.layers.0.mlp.{n}"] * prune.effective_weight(m)) ** 2 for n, m in mlp.items()}
+    expected = imp["gate_proj"].sum(1) + imp["up_proj"].sum(1) + imp["down_proj"].sum(0)
+    torch.testing.assert_close(prune.loraprune_update(model)[0]["channels"], expected, rtol=1e-5, atol=0)
+    before = {n: (m.lora_B @ m.lora_A).detach().clone() for n, m in mods.items()}
+    torch.optim.SGD([p for m in mods.values() for p in (m.lora_A, m.lora_B)], lr=1.0).step()
+    for n, m in mods.items():
+        change = (m.lora_B @ m.lora_A).detach() - before[n]  # B'A' - BA
+        torch.testing.assert_close(estimates[n], -m.scale * change, atol=1e-6, rtol=1e-6)
+        assert estimates[n].abs().max() > 1e-4  # not trivially zero
+
+
+def test_loraprune_schedule_and_training_loop_calls():
+    assert prune.cubic_sparsity(0, 100, 0.5) == 0 and prune.cubic_sparsity(10, 100, 0.5) == 0
+    assert prune.cubic_sparsity(90, 100, 0.5) == 0.5 and prune.cubic_sparsity(99, 100, 0.5) == 0.5
+    assert prune.cubic_sparsity(50, 100, 0.5) == pytest.approx(0.5 - 0.5 * 0.5 ** 3)
+    model = with_lora(tiny_model(seed=10, n_layer=3, intermediate_size=64))
+    opt = torch.optim.SGD([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], lr=0.01)
+    average, total, fractions = None, 20, []
+    for step in range(total):
+        batch = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(step))
+        prune.batch_loss(model, batch).backward()
+        average = prune.loraprune_step(model, average, step, total, 0.2, every=5, kept_layers=[0])
+        opt.step()
+        opt.zero_grad()
+        fractions.append(prune.masked_params(model) / prune.count_params(model))
+    assert fractions == sorted(fractions) and fractions[0] == 0
+    _, planned = prune.prune_plan(model, 0.2, kept_layers=[0])
+    assert fractions[-1] >= planned > 0.15
+    assert model.model.layers[0].self_attn.head_mask.all()  # the kept layer stays whole
+    with torch.no_grad():
+        masked = model(IDX)[0]
+        prune.compact(model)
+        torch.testing.assert_close(model(IDX)[0], masked, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip_of_non_uniform_widths(tmp_path):
+    model = tiny_model(seed=11)
+    set_masks(model, {0: [1, 0, 1, 1], 1: [0, 0, 1, 1]}, {0: [0, 1, 2], 1: list(range(20))})
+    prune.compact(model)
+    assert model.config.layer_kv_map == [[0, 1, 1], [0, 0]] and model.config.layer_intermediate == [45, 28]
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert loaded.config.layer_kv_map == [[0, 1, 1], [0, 0]] and loaded.config.layer_intermediate == [45, 28]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDX)[0], model(IDX)[0])
+
+
+def test_uniform_compaction_loads_in_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import LlamaForCausalLM
+    model = tiny_model(seed=12, n_head=6, n_kv_head=3)
+    plan, _ = prune.prune_plan(model, 0.15, kept_layers=(), whole_groups=True)
+    prune.choose_masks(model, prune.magnitude_scores(model), plan, whole_groups=True)
+    prune.compact(model)
+    cfg = model.config
+    assert cfg.layer_kv_map is None and cfg.layer_intermediate is None and cfg.n_kv_head < 3
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"]) == (cfg.n_head, cfg.n_kv_head)
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX)[0], theirs(IDX).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_command_line_writes_a_pruned_folder(tmp_path, capsys):
+    src = tmp_path / "dense"
+    tiny_model(seed=13, n_layer=3).save_pretrained(src, dtype=torch.float32)
+    (src / "tokenizer.json").write_text("{}")
+    data = tmp_path / "data"
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16).tofile(data / "train.bin")
+    (data / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    out = tmp_path / "pruned"
+    prune.main(["--model", str(src), "--method", "wanda", "--sparsity", "0.2", "--calib", str(data / "train.bin"),
+                "--calib_tokens", "256", "--seq_len", "32", "--keep_layers", "0", "--dtype", "float32",
+                "--out", str(out)])
+    info = json.loads((out / "pruning.json").read_text())
+    assert (out / "tokenizer.json").exists() and not list(tmp_path.glob("*.tmp-*"))
+    loaded = Transformer.from_pretrained(out)
+    assert prune.count_params(loaded) == info["params_after"] == by_hand(loaded)
+    assert abs(info["achieved_sparsity"] - 0.2) < 0.03
+    assert f"{info['achieved_sparsity']:.4%}" in capsys.readouterr().out
+
+
+def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_path):
+    """train.py with struct_prune: a run stopped at a checkpoint and resumed ends with the same compacted model
+    as a run that never stopped (masks and the importance average are in the checkpoint)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    src, data = tmp_path / "tiny", tmp_path / "data"
+    tiny_model(seed=14, n_layer=3).save_pretrained(src, dtype=torch.float32)
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3000), ("val", 500)):
+        rng.integers(0, 97, n).astype(np.uint16).tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97, "masked": False}))
+
+    def train_args(out, **kw):
+        args = dict(model_dir=src, data_dir=data, out_dir=out, block_size=16, batch_size=2, lora_r=4, dtype="float32",
+                    device="cpu", eval_iters=1, eval_interval=4, warmup_iters=1, learning_rate=1e-2, max_iters=12,
+                    lr_decay_iters=12, struct_prune=True, struct_sparsity=0.25, struct_every=3)
+        return [sys.executable, "-u", "train.py", *[f"--{k}={v}" for k, v in {**args, **kw}.items()]]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole = subprocess.run(train_args(tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
+    assert "of all parameters masked" in whole.stdout and "compacted:" in whole.stdout
+    proc = subprocess.Popen(train_args(tmp_path / "stopped"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    saves = 0
+    for line in proc.stdout:  # stop it at its second checkpoint (iter 8), after masks were chosen
+        saves += line.startswith("saved checkpoint")
+        if saves == 2:
+            proc.kill()
+            break
+    proc.wait()
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    resumed = subprocess.run(train_args(tmp_path / "stopped", init_from="resume"), cwd=ROOT, capture_output=True,
+                             text=True, env=env)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr
+    whole = Transformer.from_pretrained(tmp_path / "whole" / "merged")
+    resumed = Transformer.from_pretrained(tmp_path / "stopped" / "merged")
+    assert whole.config.to_hf() == resumed.config.to_hf()
+    assert 1 - prune.count_params(whole) / prune.count_params(tiny_model(n_layer=3)) >= 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(IDX)[0], whole(IDX)[0], atol=1e-5, rtol=1e-5)
