@@ -980,14 +980,15 @@ def lorashear_plan(model, sparsity, unprunable=()):
         raise ValueError(f"sparsity must lie in [0, 1) (the fraction of all parameters to remove), got {sparsity}")
     fixed = {(int(l), kind) for l, kind in unprunable}
     hidden, total = model.config.hidden_size, count_params(model)
-    sizes = {l: (0 if (l, "attn") in fixed else b.self_attn.n_head, 0 if (l, "mlp") in fixed else b.mlp.down_proj.in_features,
-                 2 * b.self_attn.head_dim * hidden) for l, b in enumerate(model.model.layers)}  # a head: q rows + o columns
+    sizes = {l: (0 if (l, "attn") in fixed else b.self_attn.n_head,  # (heads, channels, parameters of a head)
+                 0 if (l, "mlp") in fixed else b.mlp.down_proj.in_features,
+                 2 * b.self_attn.head_dim * hidden) for l, b in enumerate(model.model.layers)}  # q rows + o columns
 
     def plan_at(rho):
         return {l: (int(rho * n + 0.5), int(rho * w + 0.5)) for l, (n, w, _) in sizes.items()}
 
     def removed(plan):
-        return sum(h * sizes[l][2] + c * 3 * hidden for l, (h, c) in plan.items())  # a channel: gate, up rows + down column
+        return sum(h * sizes[l][2] + c * 3 * hidden for l, (h, c) in plan.items())  # a channel: gate, up, down
 
     steps = 4 * max(w for _, w, _ in sizes.values()) + 4
     best = most = plan_at(0.0)
@@ -999,8 +1000,9 @@ def lorashear_plan(model, sparsity, unprunable=()):
         if abs(removed(plan) - sparsity * total) < abs(removed(best) - sparsity * total):
             best = plan
     if sparsity * total - removed(most) > 0.001 * total:
-        raise ValueError(f"sparsity {sparsity} is out of reach: with node groups {sorted(fixed)} kept whole and one head "
-                         f"and one channel left in every other, at most {removed(most) / total:.4f} of the parameters can go")
+        raise ValueError(f"sparsity {sparsity} is out of reach: with node groups {sorted(fixed)} kept whole and one "
+                         f"head and one channel left in every other, at most {removed(most) / total:.4f} of the "
+                         f"parameters can go")
     return best, removed(best) / total
 
 
@@ -1097,7 +1099,8 @@ def halfspace_project(model, groups, t, period_steps, eps=0.05):
         trial_dot = sq + xd.get((block, key), 0) - lam * sq.sqrt()  # x~ . x
         zero = (trial_dot < eps * sq) | (sq == 0) | (t >= period_steps - 1)  # the half-space test (LoRAShear)
         x, d = take(module.weight, axis, slots).reshape(len(index), -1), lora_part(module, axis, slots)
-        trial = x + (d.reshape(len(index), -1) if torch.is_tensor(d) else 0.0) - (lam / sq.sqrt().clamp_min(1e-30))[:, None] * x
+        d = d.reshape(len(index), -1) if torch.is_tensor(d) else 0.0
+        trial = x + d - (lam / sq.sqrt().clamp_min(1e-30))[:, None] * x  # x~ = x + s B A - lambda_g x / ||x||
         put(module.weight, axis, slots, torch.where(zero[:, None], 0.0, trial).reshape(len(slots), -1))
         factor = lora_factor(module, axis)
         if factor is not None:  # the LoRA part now lives in x_g
@@ -1114,7 +1117,9 @@ def lhspg_step(model, redundant, shrinking, t, period_steps, variant="ramp", eps
     The ramp is the default: it reaches zero exactly at the period's end, at a pace known in advance, with nothing to
     tune, so the kept groups' LoRA has the whole period to take over the removed function; the half-space step
     (with the same pace lambda_g) differs only where the LoRA update itself pushes a group across the half-space
-    boundary, and then cuts it at once, and it needs eps. It is also what the authors ran. Kept groups are not touched."""
+    boundary, and then cuts it at once, and it needs eps (on SmolLM2-135M at 50%, T_p = 8, eps = 0.05, no group crossed
+    before the period's end: the two then differ only in folding LoRA's part into W0). It is also what the authors
+    ran. Kept groups are not touched."""
     if variant not in LHSPG_VARIANTS:
         raise ValueError(f"LHSPG variant {variant!r}: choose from {LHSPG_VARIANTS}")
     if not 0 <= t < period_steps:

@@ -176,7 +176,8 @@ def recover(model, cfg, stage, val, dense, used, ctx, log):
         degradation = {name: losses[name] - dense[name] for name in sources}
         mean_val = sum(losses.values()) / len(losses)
         rounds.append(dict(round=r, val_loss=losses, degradation=degradation, mean_val_loss=mean_val))
-        log(f"{stage} round {r}: val loss " + ", ".join(f"{n} {v:.4f} (+{degradation[n]:.4f})" for n, v in losses.items()))
+        log(f"{stage} round {r}: val loss " + ", ".join(f"{n} {v:.4f} (+{degradation[n]:.4f})"
+                                                        for n, v in losses.items()))
         if mean_val < best - 1e-4:
             best, best_state, bad = mean_val, snapshot(model), 0
         else:
@@ -215,7 +216,8 @@ def run(cfg):
     log(f"dense val losses: {json.dumps(dense)}")
 
     # 1. knowledge distribution analysis: held-out val windows of the stage-1 sources (not those of recovery)
-    kda_sources = [Source(name, "val", masked, cfg.seq_len, 2000 + i) for i, (name, masked) in enumerate(STAGES["stage1"].items())]
+    stage1 = list(STAGES["stage1"].items())
+    kda_sources = [Source(name, "val", masked, cfg.seq_len, 2000 + i) for i, (name, masked) in enumerate(stage1)]
     kda_batches = [kda_sources[i % len(kda_sources)].batch(cfg.batch_size, cfg.device) for i in range(cfg.kda_batches)]
     with ctx:
         kda = prune.knowledge_distribution(model, kda_batches, [float(r) for r in cfg.kda_ratios.split(",")], cfg.gamma)
@@ -225,7 +227,8 @@ def run(cfg):
     # 2. LHSPG on LoRA, then compaction
     apply_lora(model, r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.05)
     used = {"kda": {"val": {"tokens": sum(x.numel() for x, _ in kda_batches), "batches": len(kda_batches)}}}
-    mixture = {name: Source(name, "train", masked, cfg.seq_len, cfg.seed + i) for i, (name, masked) in enumerate(STAGES["stage1"].items())}
+    mixture = {name: Source(name, "train", masked, cfg.seq_len, cfg.seed + i)
+               for i, (name, masked) in enumerate(stage1)}
     redundant = lhspg(model, cfg, plan, mixture, used, ctx, log)
     with ctx:
         zeroed = prune.mean_loss(model, val["stage1"]["pydocs"])
@@ -281,7 +284,8 @@ def main(argv=None):
     for key, value in SCALES[cfg.scale].items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    for key in ("seq_len", "batch_size", "kda_batches", "warmup", "periods", "period_steps", "val_batches", "patience", "lora_r"):
+    for key in ("seq_len", "batch_size", "kda_batches", "warmup", "periods", "period_steps", "val_batches", "patience",
+                "lora_r"):
         if getattr(cfg, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(cfg, key)}")
     cfg.model, cfg.out, cfg.results = str(cfg.model), str(cfg.out), str(cfg.results)

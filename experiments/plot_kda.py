@@ -31,7 +31,8 @@ def main():
     for offset, kind, color in ((-0.2, "attn", "tab:blue"), (0.2, "mlp", "tab:orange")):
         nodes = [n for n in kda["nodes"] if n["kind"] == kind]
         ax.bar([n["layer"] + offset for n in nodes], [n["sensitivity"] for n in nodes], width=0.4, color=color,
-               label=kind, edgecolor=["black" if (n["layer"], kind) in unprunable else color for n in nodes], linewidth=1.5)
+               label=kind, linewidth=1.5,
+               edgecolor=["black" if (n["layer"], kind) in unprunable else color for n in nodes])
         for n in nodes:
             if (n["layer"], kind) in unprunable:
                 ax.annotate("*", (n["layer"] + offset, n["sensitivity"]), ha="center", va="bottom")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import eval as E
 from conftest import tiny_config, tiny_model
 from model import Transformer
+from tokenizer import Tokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"  # ids 0..28; 30 = BOS, 31 = EOS; vocab 32
 
@@ -240,3 +241,24 @@ def test_parity_with_lm_eval_on_a_few_rows(model_dir, model_fp32, tokenizer):
     theirs = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
     ours = E.loglikelihoods(model_fp32, [E.encode_pair(tokenizer, *p) for p in pairs])
     assert ours == pytest.approx(theirs, abs=1e-3)
+
+
+def test_load_model_with_a_lora_adapter(tmp_path, model_dir):
+    lora = pytest.importorskip("lora")
+    import shutil
+    base = tiny_model(seed=5)
+    base.save_pretrained(tmp_path / "base", dtype=torch.float32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tmp_path / "base" / name)
+    lora.apply_lora(base, r=4, alpha=8)
+    with torch.no_grad():
+        for m in lora.lora_modules(base).values():
+            m.lora_B.normal_(0, 0.1)  # B starts at zero: make the adapter change something
+    lora.save_adapter(base, tmp_path / "adapter")
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    plain, _ = E.load_model(tmp_path / "base")
+    adapted, tok = E.load_model(tmp_path / "base", tmp_path / "adapter")
+    with torch.no_grad():
+        expected, with_adapter, without = base(idx)[0], adapted(idx)[0], plain(idx)[0]
+    assert torch.allclose(with_adapter, expected, atol=1e-5) and not torch.allclose(without, expected, atol=1e-3)
+    assert tok.encode("Answer:") == Tokenizer.from_pretrained(model_dir).encode("Answer:")

@@ -155,7 +155,6 @@ def test_restart_adapters_keeps_the_function():
 
 
 def test_next_redundant_grows_by_periods_from_the_lowest_scores():
-    model = tiny_model()
     scores = {l: {"heads": torch.tensor([4.0, 1.0, 3.0, 2.0]), "kv": torch.zeros(2),
                   "channels": torch.arange(48, 0, -1).float()} for l in range(2)}
     plan = {0: (2, 6), 1: (0, 3)}
@@ -164,7 +163,8 @@ def test_next_redundant_grows_by_periods_from_the_lowest_scores():
     assert red[0]["channels"].nonzero().flatten().tolist() == [46, 47]
     scores[0]["heads"][1] = 100.0  # a redundant group stays redundant, whatever its score becomes
     red, new = prune.next_redundant(scores, red, plan, 2, 3)
-    assert red[0]["heads"].nonzero().flatten().tolist() == [1, 3] and new[0]["heads"].nonzero().flatten().tolist() == [3]
+    assert red[0]["heads"].nonzero().flatten().tolist() == [1, 3]
+    assert new[0]["heads"].nonzero().flatten().tolist() == [3]
     assert int(red[0]["channels"].sum()) == 6 and int(red[1]["channels"].sum()) == 3 and not red[1]["heads"].any()
 
 

@@ -1,0 +1,434 @@
+"""
+Speed and memory of this project against transformers + peft: a LoRA training step, prefill and decode, and a
+model compacted to half its width against the dense one.
+
+  python bench.py --device cpu --threads 1    # the default model, batch 1 and 4 x 256 tokens, fp32 and bf16
+  python bench.py                             # CUDA: the 135M and Llama-3.2-1B shapes and the default model,
+                                              # eager and compiled, r = 8 and 512, batch 8 x 1024, bf16
+  python bench.py --device cpu --rows train --batch 2 --dtype bfloat16 --loss masked --json out/bench.json
+
+Rows (one per combination of the comma-separated options)
+  train    forward, backward and an AdamW step on the LoRA parameters (rank r, alpha 2r, dropout 0, all seven
+           projections) on random tokens. --loss masked: only the last --answer fraction of each row's
+           positions count (targets -1 / labels -100 before: instruction tuning); all: every position counts.
+  compact  the same step, ours dense against ours with half of every layer's query heads and MLP channels
+           removed by prune.compact (transformers has no per-layer widths, so there is no "theirs").
+  prefill  one forward over --seq tokens filling the KV cache, logits of the last position only (no LoRA).
+  decode   greedy generation from a --prompt token prompt, batch 1 (no LoRA): ms per token =
+           (time for 1 + N new tokens - time for 1 new token) / N, N = --new_tokens.
+Sides
+  ours             model.py + lora.py. bfloat16: base weights bf16, LoRA parameters fp32, LoRA products bf16.
+  theirs           transformers' LlamaForCausalLM (attn_implementation "sdpa", use_cache=False in training) +
+                   peft.get_peft_model. bfloat16: base weights bf16, the adapter in fp32 (peft's default
+                   autocast_adapter_dtype) with its input cast to fp32.
+  theirs-autocast  bfloat16 rows only: fp32 weights under torch.autocast(bfloat16), the usual Trainer recipe.
+Measuring
+  A row builds all its sides, then times them in turns (--steps calls each, --repeats turns) and reports the
+  medians, so a busy machine slows every side alike. tokens/s = batch x seq / step time (every position, counted
+  in the loss or not). "cpu ms" (CPU only) is the process's CPU time per step, steadier than the wall clock on a
+  shared machine. Memory (train and compact rows): each side once more in a fresh process. CUDA: peak
+  max_memory_allocated, in all and its growth during the steps; CPU: peak resident set (VmHWM, reset after
+  setup), in all and its growth over the resident set after setup. MFU (CUDA): model FLOPs per step (step_flops)
+  / time / the GPU's peak (PEAK_TFLOPS, dense bf16 tensor cores, fp32 without TF32; or --peak_tflops).
+  The default model's rows also print both sides' first loss: they must agree (same weights, B = 0).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
+from model import KVCache, ModelConfig, Transformer
+
+DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHAPES = {  # random weights, Hugging Face config keys; "default" is the default model folder with its weights
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,  # Llama-3.2-1B
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+}  # (Llama-3.2's rope scaling is left out: computed once per forward, it changes no cost)
+PEAK_TFLOPS = {  # name fragment -> (dense bf16 tensor core, fp32 without TF32), from NVIDIA's data sheets
+    "H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "H200": (989.4, 66.9), "A100": (312.0, 19.5),
+    "L40S": (362.1, 91.6), "A10G": (70.0, 31.2), "RTX 4090": (165.2, 82.6),
+}
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--rows", default="train,compact,prefill,decode")
+    p.add_argument("--shapes", default=None, help="of default, 135m, 1b (CUDA: 135m,1b,default; CPU: default)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="the folder of the 'default' shape")
+    p.add_argument("--dtype", default=None, help="CUDA: bfloat16; CPU: float32,bfloat16")
+    p.add_argument("--batch", default=None, help="CUDA: 8; CPU: 1,4")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (CUDA: 1024; CPU: 256)")
+    p.add_argument("--rank", default=None, help="LoRA ranks (CUDA: 8,512; CPU: 8)")
+    p.add_argument("--loss", default="masked,all", help="masked (instruction tuning) and/or all positions")
+    p.add_argument("--answer", type=float, default=0.5, help="masked loss: fraction of positions that count")
+    p.add_argument("--mode", default=None, help="eager and/or compile (torch.compile) (CUDA: both; CPU: eager)")
+    p.add_argument("--sides", default="ours,theirs,theirs-autocast")
+    p.add_argument("--steps", type=int, default=None, help="calls per turn (CUDA: 5; CPU: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="turns (CUDA: 5; CPU: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CUDA: 3, compiled 5; CPU: 1)")
+    p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=None, help="decode: N (CUDA: 128; CPU: 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's peak for MFU, if not in PEAK_TFLOPS")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one side's memory, in a fresh process
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    defaults = dict(shapes="135m,1b,default" if gpu else "default", dtype="bfloat16" if gpu else "float32,bfloat16",
+                    batch="8" if gpu else "1,4", seq=1024 if gpu else 256, rank="8,512" if gpu else "8",
+                    mode="eager,compile" if gpu else "eager", steps=5 if gpu else 1, repeats=5 if gpu else 3,
+                    warmup=3 if gpu else 1, new_tokens=128 if gpu else 16)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- building both sides
+def hf_config(shape, model_dir):
+    return json.loads((Path(model_dir) / "config.json").read_text()) if shape == "default" else SHAPES[shape]
+
+
+def build_ours(shape, dtype, device, model_dir):
+    if shape == "default":
+        return Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
+    cfg = ModelConfig.from_hf(SHAPES[shape], shape)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: torch.ones(v.shape, dtype=dtype, device=device) if "norm" in k else
+             0.02 * torch.randn(v.shape, dtype=dtype, device=device)
+             for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    return model.load_weights(state, dtype, device, shape)
+
+
+def build_theirs(shape, dtype, device, model_dir):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
+    kw = dict(attn_implementation="sdpa")
+    if shape == "default":
+        return transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw).to(device)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[shape], **kw)).to(dtype)
+
+
+def half_width(model, seed=0):
+    """Remove half of every layer's query heads and MLP channels (random ones) with prune.py's compaction."""
+    import prune
+    g = torch.Generator().manual_seed(seed)
+    prune.add_masks(model)
+    for block in model.model.layers:
+        for mask in (block.self_attn.head_mask, block.mlp.channel_mask):
+            mask.zero_()[torch.randperm(len(mask), generator=g)[:(len(mask) + 1) // 2].to(mask.device)] = 1
+    return prune.compact(model)
+
+
+def batch(vocab, B, T, loss, answer, device, seed=0):
+    """Random tokens x (B, T); our targets y (next token, -1 = not counted) and transformers' labels (-100 = not
+    counted; it shifts them itself), counting the same positions; and the number of counted positions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(vocab, (B, T), generator=g).to(device)
+    prompt = T - int(answer * T) if loss == "masked" else 0
+    y = torch.full_like(x, -1)
+    y[:, prompt:-1] = x[:, prompt + 1:]
+    labels = x.clone()
+    labels[:, :prompt + 1] = -100
+    return x, y, labels, int((y != -1).sum())
+
+
+def training_step(side, shape, dtype, device, model_dir, r, x, y, labels, compile_, compact=False):
+    """A function running one LoRA training step of `side`, and the model."""
+    if side == "ours":
+        model = build_ours(shape, dtype, device, model_dir)
+        apply_lora(model, ALL_TARGETS, r=r, alpha=2 * r)
+        if compact:
+            half_width(model)
+        params = lora_parameters(model)
+    else:
+        import peft
+        autocast = side == "theirs-autocast"
+        base = build_theirs(shape, torch.float32 if autocast else dtype, device, model_dir)
+        base.config.use_cache = False
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                          target_modules=list(ALL_TARGETS), task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    forward = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    context = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) \
+        if side == "theirs-autocast" else torch.enable_grad
+
+    def step():
+        with context():
+            loss = forward(x, y)[1] if side == "ours" else forward(input_ids=x, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, model
+
+
+def step_flops(model, B, T, counted):
+    """Model FLOPs of one LoRA step of our model, PaLM's way (2 per weight per token forward, the attention
+    scores and values counted in full, not causally halved), for a frozen base: backward computes its input
+    gradient (2 more) but no weight gradient; LoRA's weights get theirs (4 more); the output layer runs only at
+    the counted positions."""
+    mods = lora_modules(model).values()
+    base = sum(m.weight.numel() for m in mods)
+    lora = sum(m.r * (m.in_features + m.out_features) for m in mods)
+    attention = sum(12 * b.self_attn.n_head * b.self_attn.head_dim * T for b in model.model.layers)
+    return B * T * (4 * base + 6 * lora + attention) + counted * 4 * model.lm_head.weight.numel()
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns, steps, repeats, warmup, device):
+    """{name: (wall ms, cpu ms) per call}: the functions run in turns, `steps` calls each per turn; medians."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            wall[name].append((time.perf_counter() - t0) * 1000 / steps)
+            cpu[name].append((time.process_time() - c0) * 1000 / steps)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
+
+
+def status(key):  # kB from /proc/self/status (Linux)
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def child_memory(spec):
+    """Runs in a fresh process: one side of a row, setup, then the peak memory of 2 steps, in MB."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    x, y, labels, _ = batch(spec["vocab"], spec["B"], spec["T"], spec["loss"], spec["answer"], device)
+    step, _ = training_step(spec["side"], spec["shape"], DTYPES[spec["dtype"]], device, spec["model_dir"],
+                            spec["r"], x, y, labels, spec["compile"], spec["compact"])
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(), step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated()
+        return dict(peak_mb=peak / 2**20, step_mb=(peak - before) / 2**20, how="cuda max_memory_allocated")
+    try:  # "5" resets the peak resident set (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS")
+        step(), step()
+        peak = status("VmHWM")
+        return dict(peak_mb=peak / 1024, step_mb=(peak - before) / 1024, how="VmHWM")
+    except OSError:
+        step(), step()
+        return dict(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, step_mb=None, how="ru_maxrss")
+
+
+def memory(spec):
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode:
+        return dict(error=out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_flops(device, dtype, override):
+    if override:
+        return override * 1e12
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, (bf16, fp32) in PEAK_TFLOPS.items():
+        if fragment in name:
+            return (bf16 if dtype == torch.bfloat16 else fp32) * 1e12
+    return None
+
+
+# ----------------------------------------------------------------------------- the rows
+def train_rows(args, sides, log):
+    rows = []
+    for shape in args.shapes.split(","):
+        hf = hf_config(shape, args.model)
+        for dtype_name in args.dtype.split(","):
+            dtype = DTYPES[dtype_name]
+            for B in map(int, args.batch.split(",")):
+                for r in map(int, args.rank.split(",")):
+                    widest = min(hf["num_key_value_heads"] * hf.get("head_dim", 64), hf["hidden_size"])
+                    if r > widest:
+                        log(f"skip {shape} r={r}: above k_proj's {widest} outputs (ours refuses r > min(in, out))")
+                        continue
+                    for loss in args.loss.split(","):
+                        for mode in args.mode.split(","):
+                            for kind in ("train", "compact"):
+                                if kind in args.rows.split(","):
+                                    rows.append(train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss,
+                                                          mode, hf["vocab_size"], log))
+    return rows
+
+
+def train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss, mode, vocab, log):
+    T, device = args.seq, args.device
+    x, y, labels, counted = batch(vocab, B, T, loss, args.answer, device)
+    if kind == "compact":
+        names = {"ours": ("ours", False), "ours-compact": ("ours", True)}
+    else:
+        names = {s: (s, False) for s in sides if s != "theirs-autocast" or dtype == torch.bfloat16}
+    fns, models = {}, {}
+    for name, (side, compact) in names.items():
+        fns[name], models[name] = training_step(side, shape, dtype, device, args.model, r, x, y, labels,
+                                                mode == "compile", compact)
+    if shape == "default" and kind == "train":
+        log("first losses: " + ", ".join(f"{name} {fn().item():.5f}" for name, fn in fns.items()))
+    warmup = args.warmup + (2 if mode == "compile" else 0)
+    times = timed(fns, args.steps, args.repeats, warmup, device)
+    peak = peak_flops(device, dtype, args.peak_tflops)
+    row = dict(kind=kind, shape=shape, dtype=dtype_name, B=B, T=T, r=r, loss=loss, mode=mode, sides={})
+    for name, (wall, cpu) in times.items():
+        ours_model = models[name] if name.startswith("ours") else models["ours"] if "ours" in models else None
+        flops = step_flops(ours_model, B, T, counted) if ours_model is not None else None
+        entry = dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * T / wall * 1000,
+                     mfu=flops / (wall / 1000) / peak if peak and flops else None)
+        if args.memory:
+            entry["memory"] = memory(dict(side=names[name][0], compact=names[name][1], shape=shape, dtype=dtype_name,
+                                          device=device, model_dir=args.model, r=r, B=B, T=T, loss=loss,
+                                          answer=args.answer, vocab=vocab, compile=mode == "compile",
+                                          threads=args.threads))
+        row["sides"][name] = entry
+    del fns, models
+    log(format_row(row))
+    return row
+
+
+def inference_rows(args, sides, log):
+    rows, device = [], args.device
+    for shape in args.shapes.split(","):
+        vocab = hf_config(shape, args.model)["vocab_size"]
+        for dtype_name in args.dtype.split(","):
+            dtype = DTYPES[dtype_name]
+            models = {"ours": build_ours(shape, dtype, device, args.model).eval()}
+            if "theirs" in sides:
+                models["theirs"] = build_theirs(shape, dtype, device, args.model).eval()
+            prompt = torch.randint(vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+            x = torch.randint(vocab, (1, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+
+            def prefill(name):
+                m = models[name]
+                if name == "ours":
+                    return lambda: m(x, cache=KVCache(m, 1, args.seq, dtype, device), last_only=True)
+                return lambda: m(input_ids=x, use_cache=True, logits_to_keep=1)
+
+            def generate(name, n):
+                m = models[name]
+                if name == "ours":
+                    return lambda: m.generate(prompt, max_new_tokens=n)
+                return lambda: m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+            with torch.no_grad():
+                if "prefill" in args.rows.split(","):
+                    times = timed({n: prefill(n) for n in models}, args.steps, args.repeats, args.warmup, device)
+                    row = dict(kind="prefill", shape=shape, dtype=dtype_name, B=1, T=args.seq, sides={
+                        n: dict(ms=w, cpu_ms=c, tokens_per_s=args.seq / w * 1000) for n, (w, c) in times.items()})
+                    rows.append(row)
+                    log(format_row(row))
+                if "decode" in args.rows.split(","):
+                    fns = {f"{n} {k}": generate(n, k) for n in models for k in (1, 1 + args.new_tokens)}
+                    times = timed(fns, 1, args.repeats, 1, device)
+                    N = args.new_tokens
+                    per_token = {n: [(times[f"{n} {1 + N}"][i] - times[f"{n} 1"][i]) / N for i in (0, 1)] for n in models}
+                    row = dict(kind="decode", shape=shape, dtype=dtype_name, B=1, T=args.prompt, sides={
+                        n: dict(ms=w, cpu_ms=c, tokens_per_s=1000 / w) for n, (w, c) in per_token.items()})
+                    rows.append(row)
+                    log(format_row(row))
+            del models
+    return rows
+
+
+def format_row(row):
+    what = {"train": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}",
+            "compact": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}",
+            "prefill": "", "decode": "per new token"}[row["kind"]]
+    lines = [f"\n{row['kind']} | {row['shape']} {row['dtype']} B={row['B']} T={row['T']} {what}"]
+    ref = row["sides"].get("ours")
+    for name, e in row["sides"].items():
+        mem = e.get("memory") or {}
+        mem = (f"peak {mem['peak_mb']:.0f} MB (+{mem['step_mb']:.0f} in the step, {mem['how']})" if mem.get("step_mb")
+               is not None else f"peak {mem['peak_mb']:.0f} MB ({mem['how']})" if "peak_mb" in mem else mem.get("error", ""))
+        speed = "" if not ref or name == "ours" else f"x{ref['ms'] / e['ms']:.2f} dense" if name == "ours-compact" \
+            else f"ours x{e['ms'] / ref['ms']:.2f}"
+        mfu = f"MFU {100 * e['mfu']:.1f}%" if e.get("mfu") else ""
+        lines.append(f"  {name:16s} {e['ms']:9.1f} ms  {e['tokens_per_s']:9.1f} tok/s  cpu {e['cpu_ms']:9.1f} ms  "
+                     f"{speed:14s} {mfu:10s} {mem}")
+    return "\n".join(lines)
+
+
+def environment(args):
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
+    env = dict(date=str(date.today()), command="python " + " ".join(sys.argv), torch=torch.__version__,
+               threads=torch.get_num_threads(), cpu=cpu.group(1) if cpu else platform.processor(),
+               cores=os.cpu_count(), loadavg=os.getloadavg())
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(args.device)
+    for lib in ("transformers", "peft"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except ImportError:
+            env[lib] = None
+    return env
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_memory(json.loads(args.child))))
+        return
+    env = environment(args)
+    sides = args.sides.split(",")
+    if env["transformers"] is None or env["peft"] is None:
+        sides = [s for s in sides if not s.startswith("theirs")]
+    log = lambda s: print(s, flush=True)
+    log(" | ".join(f"{k} {v}" for k, v in env.items()))
+    if env["transformers"] is None or env["peft"] is None:
+        log("transformers + peft are not installed: ours only")
+    rows = train_rows(args, sides, log) + inference_rows(args, sides, log)
+    env["loadavg_end"] = os.getloadavg()
+    log(f"\nload average at the end {env['loadavg_end']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
