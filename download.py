@@ -11,6 +11,7 @@ rename to HF names and store bf16. Every folder is written to a temporary siblin
 failure never leaves half a folder behind.
 """
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -243,6 +244,8 @@ def hub_get(url, dest=None, token=None):
         why = {401: "unauthorised (gated or private repo: set HF_TOKEN)", 403: "forbidden (set HF_TOKEN?)",
                404: "not found (check the repo name, revision and file)"}.get(e.code, e.reason)
         raise RuntimeError(f"{url}: HTTP {e.code} {why}") from None
+    except (OSError, http.client.HTTPException) as e:  # refused redirect, no connection, dropped connection
+        raise RuntimeError(f"{url}: {getattr(e, 'reason', None) or e!r}") from None
     if expected is not None and part.stat().st_size != expected:
         raise RuntimeError(f"{url}: got {part.stat().st_size} bytes, expected {expected}; run again to resume")
     os.replace(part, dest)

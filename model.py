@@ -292,6 +292,8 @@ class Transformer(nn.Module):
         out, start, step_in = idx, 0, idx
         while out.shape[1] < total:
             logits, _ = self(step_in, cache=cache, start=start, last_only=True)
+            if start == 0 and not torch.isfinite(logits).all():  # checked once: a clear error, not a sampling one
+                raise ValueError("the model's logits are NaN or Inf (are its weights finite?)")
             nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
             if len(stops):
                 nxt = torch.where(done, out[:, -1], nxt)
@@ -309,7 +311,11 @@ class Transformer(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder}: no config.json (is this a model folder?)")
-        cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        try:
+            hf = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        cfg = ModelConfig.from_hf(hf, str(folder / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
         model.load_weights(load_weights(folder), dtype, device, str(folder))
@@ -367,11 +373,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
             hh, t = h[i:i + chunk], targets[i:i + chunk]
-            logits = F.linear(hh, weight).float()  # (chunk, vocab)
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            logprobs = F.linear(hh, weight).log_softmax(-1, dtype=torch.float32)  # (chunk, vocab)
+            total -= logprobs.gather(1, t[:, None]).sum()
             if grad_h is not None or grad_w is not None:
-                d = logits.sub_(lse[:, None]).exp_()  # softmax
+                d = logprobs.exp_()  # softmax
                 d[torch.arange(len(t), device=t.device), t] -= 1.0
                 d = d.to(h.dtype)
                 if grad_h is not None:

@@ -33,7 +33,7 @@ from lora import apply_lora, lora_modules, save_adapter, save_merged
 from model import Transformer
 from prune import (RANK_DEFAULTS, accumulate_fisher, rank_prune_state, rank_prune_step, rank_schedule_end,
                    slice_adapters)
-from prune import add_masks, compact, count_params, loraprune_step, masked_params  # LoRAPrune (section 2)
+from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan  # LoRAPrune (§2)
 
 # ----------------------------------------------------------------------------- default config
 # I/O
@@ -74,6 +74,7 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0           # clip the gradient norm at this value; 0 = no clipping
+skip_nonfinite = False    # a NaN/Inf loss skips its step (no update, counted) instead of stopping the run
 # learning rate: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 10
@@ -120,9 +121,21 @@ local_accum = gradient_accumulation_steps // world_size
 lr_decay_iters = lr_decay_iters or max_iters
 config = {k: globals()[k] for k in config_keys}  # what was actually run, saved in checkpoints
 say = print if master else (lambda *a, **k: None)
+
+
+def explain_oom(kind, exc, tb):  # out of GPU memory: which settings to lower, instead of a traceback from torch
+    if not issubclass(kind, torch.OutOfMemoryError):
+        return sys.__excepthook__(kind, exc, tb)
+    print(f"out of GPU memory ({str(exc).splitlines()[0]}). Lower batch_size={batch_size} (raising "
+          f"gradient_accumulation_steps={gradient_accumulation_steps} keeps the tokens per iteration) or "
+          f"block_size={block_size}, or set gradient_checkpointing=True (now {gradient_checkpointing}) and "
+          f"dtype='bfloat16' (now {dtype!r})", file=sys.stderr)
+
+
+sys.excepthook = explain_oom
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
-# CUDA: bf16 autocast around the float32 adapters; CPU: the base weights are stored in bf16 and LoRALinear
-# computes its update in float32 (autocast on CPU would round the adapters' matmuls to bf16 as well)
+# the frozen base weights are stored in `dtype`, the adapters always in float32 (what AdamW updates);
+# CUDA adds bf16 autocast, on CPU LoRALinear casts the adapters to the activations' dtype for its matmuls
 ctx = torch.autocast('cuda', dtype=ptdtype) if device_type == 'cuda' and dtype != 'float32' else nullcontext()
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -143,7 +156,11 @@ if init_from == 'resume':
     ckpt_path = Path(out_dir) / 'ckpt.pt'
     if not ckpt_path.exists():
         sys.exit(f"init_from='resume' but there is no {ckpt_path} (out_dir={out_dir!r})")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    try:  # weights_only: tensors and plain values only, never code
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:  # damaged, or more than tensors and plain values (weights_only refuses to run code)
+        why = next((line for line in str(e).splitlines() if 'GLOBAL' in line), str(e).split('. ')[0])
+        sys.exit(f"{ckpt_path} cannot be read ({why}): damaged, or not a checkpoint of train.py; start a new out_dir")
     if 'model_dir' not in overridden:
         model_dir = checkpoint['model_dir']
     for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'):  # the adapter's shape is the checkpoint's
@@ -166,9 +183,13 @@ if checkpoint is not None and checkpoint['model_config'] != model.config.to_hf()
              f"{arch(checkpoint['model_config'])}, not for {model_dir} {arch(model.config.to_hf())}: "
              f"pass --model_dir={checkpoint['model_dir']} or start a new out_dir")
 torch.manual_seed(seed)  # the adapters' initialization is the same on every process
-apply_lora(model, lora_targets, lora_r, lora_alpha, lora_dropout, use_rslora)
-if struct_prune:
-    add_masks(model)  # head / channel masks: buffers the checkpoint keeps with the adapters
+try:
+    apply_lora(model, lora_targets, lora_r, lora_alpha, lora_dropout, use_rslora)
+    if struct_prune:  # a sparsity the schedule cannot reach fails now, not in the middle of training
+        add_masks(model)  # head / channel masks: buffers the checkpoint keeps with the adapters
+        prune_plan(model, struct_sparsity, whole_groups=struct_whole_groups)
+except ValueError as e:
+    sys.exit(f"config error: {e}")
 model.gradient_checkpointing = gradient_checkpointing
 ADAPTER_TENSORS = ('lora_A', 'lora_B', 'rank_mask', 'head_mask', 'channel_mask')
 if checkpoint is not None:
@@ -189,13 +210,22 @@ data_dir = data_dir or os.path.join('data', dataset)
 if not (Path(data_dir) / 'train.bin').exists():
     prepare = Path('data') / dataset / 'prepare.py'
     if data_dir != os.path.join('data', dataset) or not prepare.exists():
-        sys.exit(f"{data_dir}: no train.bin (and no {prepare} to make it)")
+        sys.exit(f"{data_dir}: no train.bin; " + (f"make it with `python {prepare} --out {data_dir}`" if prepare.exists()
+                                                  else f"there is no {prepare} to make it"))
     say(f"{data_dir}/train.bin is missing: running {prepare}")
     wait_for_master(lambda: subprocess.run([sys.executable, str(prepare)], check=True))
+for f in (Path(data_dir) / name for name in ('meta.json', 'train.bin', 'val.bin')):
+    if not f.exists() or f.stat().st_size == 0:
+        sys.exit(f"{f} is {'empty' if f.exists() else 'missing'}: run data/<dataset>/prepare.py to (re)make {data_dir}")
 meta = json.loads((Path(data_dir) / 'meta.json').read_text())
 token_dtype, masked = np.dtype(meta['dtype']), bool(meta.get('masked', False))
 if meta['vocab_size'] > model.config.vocab_size:
     sys.exit(f"{data_dir}: tokens up to vocab_size {meta['vocab_size']}, but the model has {model.config.vocab_size}")
+for split in ('train', 'val'):  # token ids past the embedding table would fail deep inside the model
+    top = int(np.memmap(Path(data_dir) / f'{split}.bin', dtype=token_dtype, mode='r').max())
+    if top >= model.config.vocab_size:
+        sys.exit(f"{data_dir}/{split}.bin: token id {top}, but the model's vocabulary has {model.config.vocab_size} ids "
+                 f"(prepared with another tokenizer? run the prepare script with --model {model_dir})")
 
 
 def get_batch(split, n, generator):
@@ -314,6 +344,7 @@ if rank_prune:  # a fixed held-out batch measures each pruning event's actual lo
     if master and init_from != 'resume':
         (Path(out_dir) / 'rank_pruning.jsonl').unlink(missing_ok=True)
 model.train()
+skipped = 0  # steps skipped for a non-finite loss (skip_nonfinite)
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -346,6 +377,19 @@ while True:
         if rank_prune:  # the micro-batch's gradient and its outer product, for the pruning scores
             accumulate_fisher(raw_model, rank_state, micro_step, local_accum, batch_size)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    finite = torch.isfinite(loss_sum + grad_norm).float()  # the gradients are all-reduced: NaN anywhere is NaN here
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every process takes the same decision
+    if not finite.item():  # before the update: the adapters and the last checkpoint stay good
+        if not skip_nonfinite:
+            sys.exit(f"iter {iter_num}: loss {loss_sum.item()}, grad norm {grad_norm.item()}: not finite, stopping before "
+                     f"the update (the last checkpoint in {out_dir} is untouched). Lower learning_rate, check the data "
+                     f"and weights, or set --skip_nonfinite=True to skip such steps")
+        skipped += 1
+        say(f"iter {iter_num}: loss {loss_sum.item()}, not finite: step skipped ({skipped} skipped so far)")
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        continue
     if struct_prune:  # LoRAPrune, before the step: its estimate of G_W uses the A, B these gradients belong to
         struct_average = loraprune_step(raw_model, struct_average, iter_num, max_iters, struct_sparsity,
                                         struct_every, whole_groups=struct_whole_groups)
