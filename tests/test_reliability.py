@@ -11,12 +11,9 @@ import os
 import re
 import runpy
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
 
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ import torch
 import download
 from checkpoint import load_safetensors, save_safetensors
 from conftest import ROOT, tiny_model
-from test_download import VOCAB, hub, write_gguf, write_tokenizer_files  # noqa: F401 (hub is a fixture)
+from test_download import VOCAB, write_gguf, write_tokenizer_files
 from test_train import base_args, logged, write_data
 
 SUBPROCESS = os.environ.get("RELIABILITY_SUBPROCESS") == "1"
