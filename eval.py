@@ -33,7 +33,14 @@ DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
-    """A model folder (config.json + model.safetensors + tokenizer.json), plus a LoRA adapter if given."""
+    """A model folder (config.json, model.safetensors, tokenizer.json) + an optional LoRA adapter folder, or
+    a train.py out_dir: its merged/ model if it has one, else its adapter/ on the base model it names."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "merged" / "config.json").exists():
+        path = path / "merged"  # a train.py out_dir with a merged model
+    elif not (path / "config.json").exists() and (path / "adapter" / "adapter_config.json").exists():
+        adapter = path / "adapter"  # a train.py out_dir: its adapter on the base model it names
+        path = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     if adapter:
         from lora import load_adapter  # only needed here
@@ -65,8 +72,7 @@ def load_piqa(data):
 
 
 def load_hellaswag(data):
-    """llama.cpp's text form, scored as it is: 6 lines per item (context, gold, 4 endings), preprocessed
-    almost as lm-eval does (no ctx_b.capitalize(); a few [tags] survive; see EVAL.md)."""
+    """llama.cpp's text form (6 lines: context, gold, 4 endings), as is: no ctx_b.capitalize(), some [tags] left."""
     lines = bz2.open(data / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().split("\n")
     return [mc_item(lines[i], lines[i + 2:i + 6], int(lines[i + 1])) for i in range(0, len(lines) - 5, 6)]
 
@@ -96,8 +102,7 @@ def load_openbookqa(data):
 
 
 LOADERS = {"boolq": load_boolq, "piqa": load_piqa, "hellaswag": load_hellaswag, "winogrande": load_winogrande,
-           "arc_easy": load_arc("arc_easy"), "arc_challenge": load_arc("arc_challenge"),
-           "openbookqa": load_openbookqa}
+           "arc_easy": load_arc("arc_easy"), "arc_challenge": load_arc("arc_challenge"), "openbookqa": load_openbookqa}
 
 
 # ----------------------------------------------------------------------------- the log-likelihood engine
@@ -139,9 +144,7 @@ def loglikelihoods(model, requests, batch_size=8):
             longest = max(len(c) for c in conts)
             c = list(ctx[-(model.config.max_seq_len + 1 - longest):])  # lm-eval's left truncation
             cache = prefix_cache(model, c[:-1], len(idxs), len(c) - 1 + longest)
-            rows = torch.zeros(len(idxs), longest, dtype=torch.long, device=device)  # (B, T), right-padded
-            for r, cont in enumerate(conts):
-                rows[r, :len(cont)] = torch.tensor([c[-1]] + cont[:-1])
+            rows = torch.tensor([[c[-1]] + k[:-1] + [0] * (longest - len(k)) for k in conts], device=device)
             logits, _ = model(rows, cache=cache, start=len(c) - 1)
             logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
             for r, (i, cont) in enumerate(zip(idxs, conts)):
@@ -198,11 +201,10 @@ def wikitext_detokenizer(string):
     for a, b in [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
                  (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]:
         string = string.replace(a, b)
-    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
-    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
-    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
-    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
-    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    for pattern, repl in [(r"\(\s*([^\)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+                          (r"{\s*([^}]*?)\s*}", r"{\1}"), (r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
+                          (r"'\s*([^']*?)\s*'", r"'\1'")]:
+        string = re.sub(pattern, repl, string)
     for a, b in [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" " + chr(176) + " ", chr(176)),
                  (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]:
         string = string.replace(a, b)
@@ -210,9 +212,8 @@ def wikitext_detokenizer(string):
 
 
 def rolling_windows(tokens, prefix, L):
-    """lm-eval's get_rolling_token_windows (context_len 1) + make_disjoint_window, as (input, n_scored):
-    the first window is [prefix] + tokens[:L-1]; each later one predicts the next up to L tokens with a
-    full L-token input; the scored tokens are always the last n_scored targets of the input."""
+    """lm-eval's get_rolling_token_windows (context_len 1) + make_disjoint_window, as (input, n scored): first
+    [prefix] + tokens[:L-1], then the next up to L tokens each with a full L-token input (the last n count)."""
     done = min(L, len(tokens))  # the first window
     if tokens:
         yield [prefix] + tokens[:done - 1], done
@@ -238,8 +239,7 @@ def rolling_loglikelihood(model, tokens, prefix, L):
 def token_perplexity(model, tokens, ctx, batch_size=8, limit=None):
     """LLM-Pruner's perplexity: non-overlapping windows of ctx tokens (the tail shorter than ctx dropped),
     each predicting its ctx - 1 last tokens; exp(mean NLL over all predicted tokens)."""
-    windows = torch.tensor(tokens[:len(tokens) // ctx * ctx]).view(-1, ctx)[:limit]
-    nll = 0.0
+    windows, nll = torch.tensor(tokens[:len(tokens) // ctx * ctx]).view(-1, ctx)[:limit], 0.0
     for b in range(0, len(windows), batch_size):
         w = windows[b:b + batch_size].to(model.lm_head.weight.device)
         _, loss = model(w[:, :-1], w[:, 1:])
@@ -312,7 +312,7 @@ def greedy_until(model, tok, prompt, max_new_tokens, stop_strings=()):
         x = torch.tensor([[nxt]], device=device)
     text = tok.decode(new)
     for s in stop_strings:
-        text = text.split(s)[0]
+        text = text.split(s)[0]  # lm-eval cuts at every stop string
     return text
 
 

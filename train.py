@@ -100,7 +100,7 @@ if device == 'auto':
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':
     globals().update({k: v for k, v in CUDA_DEFAULTS.items() if k not in overridden})
-if dtype == 'auto':  # bf16 matmuls on a CPU with AVX512-BF16 ran 5x faster than float32 in our tests
+if dtype == 'auto':  # on a 2-core CPU with AVX512-BF16 a LoRA step ran ~1.7x faster in bf16 than in float32
     fast_bf16 = torch.cuda.is_bf16_supported() if device_type == 'cuda' else torch.cpu._is_avx512_bf16_supported()
     dtype = 'bfloat16' if fast_bf16 else 'float32'
 if dtype not in ('float32', 'bfloat16'):

@@ -255,10 +255,17 @@ def test_load_model_with_a_lora_adapter(tmp_path, model_dir):
         for m in lora.lora_modules(base).values():
             m.lora_B.normal_(0, 0.1)  # B starts at zero: make the adapter change something
     lora.save_adapter(base, tmp_path / "adapter")
+    lora.save_adapter(base, tmp_path / "out" / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     plain, _ = E.load_model(tmp_path / "base")
     adapted, tok = E.load_model(tmp_path / "base", tmp_path / "adapter")
+    from_out_dir, _ = E.load_model(tmp_path / "out")  # a train.py out_dir: adapter/ on the base it names
     with torch.no_grad():
         expected, with_adapter, without = base(idx)[0], adapted(idx)[0], plain(idx)[0]
+        assert torch.allclose(from_out_dir(idx)[0], expected, atol=1e-5)
     assert torch.allclose(with_adapter, expected, atol=1e-5) and not torch.allclose(without, expected, atol=1e-3)
+    shutil.copytree(tmp_path / "base", tmp_path / "out" / "merged")  # ... and its merged/ model when there is one
+    merged, _ = E.load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(merged(idx)[0], without)
     assert tok.encode("Answer:") == Tokenizer.from_pretrained(model_dir).encode("Answer:")
