@@ -420,6 +420,9 @@ def main(argv=None):
         sides = [s for s in sides if not s.startswith("theirs")]
     log = lambda s: print(s, flush=True)
     log(" | ".join(f"{k} {v}" for k, v in env.items()))
+    if not args.device.startswith("cuda") and env["threads"] > 1 and env["loadavg"][0] > env["cores"]:
+        log(f"warning: the machine is busy (load {env['loadavg'][0]:.1f} on {env['cores']} cores) and torch uses "
+            f"{env['threads']} threads, which then wait on each other (steps 10x slower seen): try --threads 1")
     if env["transformers"] is None or env["peft"] is None:
         log("transformers + peft are not installed: ours only")
     rows = train_rows(args, sides, log) + inference_rows(args, sides, log)
