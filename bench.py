@@ -16,6 +16,7 @@ Rows (one per combination of the comma-separated options)
   prefill  one forward over --seq tokens filling the KV cache, logits of the last position only (no LoRA).
   decode   greedy generation from a --prompt token prompt, batch 1 (no LoRA): ms per token =
            (time for 1 + N new tokens - time for 1 new token) / N, N = --new_tokens.
+  (--mode compile applies to train and compact rows; prefill and decode run eager.)
 Sides
   ours             model.py + lora.py. bfloat16: base weights bf16, LoRA parameters fp32, LoRA products bf16.
   theirs           transformers' LlamaForCausalLM (attn_implementation "sdpa", use_cache=False in training) +
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None, help="CUDA: 8; CPU: 1,4")
     p.add_argument("--seq", type=int, default=None, help="tokens per row (CUDA: 1024; CPU: 256)")
     p.add_argument("--rank", default=None, help="LoRA ranks (CUDA: 8,512; CPU: 8)")
-    p.add_argument("--loss", default="masked,all", help="masked (instruction tuning) and/or all positions")
+    p.add_argument("--loss", default=None, help="masked (instruction tuning) and/or all (CUDA: masked; CPU: both)")
     p.add_argument("--answer", type=float, default=0.5, help="masked loss: fraction of positions that count")
     p.add_argument("--mode", default=None, help="eager and/or compile (torch.compile) (CUDA: both; CPU: eager)")
     p.add_argument("--sides", default="ours,theirs,theirs-autocast")
@@ -94,6 +95,7 @@ def parse_args(argv=None):
     gpu = args.device.startswith("cuda")
     defaults = dict(shapes="135m,1b,default" if gpu else "default", dtype="bfloat16" if gpu else "float32,bfloat16",
                     batch="8" if gpu else "1,4", seq=1024 if gpu else 256, rank="8,512" if gpu else "8",
+                    loss="masked" if gpu else "masked,all",
                     mode="eager,compile" if gpu else "eager", steps=5 if gpu else 1, repeats=5 if gpu else 3,
                     warmup=3 if gpu else 1, new_tokens=128 if gpu else 16)
     for key, value in defaults.items():
@@ -138,7 +140,8 @@ def half_width(model, seed=0):
     prune.add_masks(model)
     for block in model.model.layers:
         for mask in (block.self_attn.head_mask, block.mlp.channel_mask):
-            mask.zero_()[torch.randperm(len(mask), generator=g)[:(len(mask) + 1) // 2].to(mask.device)] = 1
+            keep = torch.randperm(len(mask), generator=g)[:(len(mask) + 1) // 2]
+            mask.zero_()[keep.to(mask.device)] = 1
     return prune.compact(model)
 
 
@@ -324,7 +327,6 @@ def train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss, mode, voc
                                           answer=args.answer, vocab=vocab, compile=mode == "compile",
                                           threads=args.threads))
         row["sides"][name] = entry
-    del fns, models
     log(format_row(row))
     return row
 
@@ -370,7 +372,7 @@ def inference_rows(args, sides, log):
                         n: dict(ms=w, cpu_ms=c, tokens_per_s=1000 / w) for n, (w, c) in per_token.items()})
                     rows.append(row)
                     log(format_row(row))
-            del models
+            models.clear()  # free them before the next dtype's
     return rows
 
 
