@@ -9,7 +9,7 @@ an ordinary model of this file.
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -167,7 +167,6 @@ def test_taylor_scores_equal_autograd():
         (prune.batch_loss(model, b) / len(batches)).backward()
     hd = 8
     for l, block in enumerate(model.model.layers):
-        a, m = block.self_attn, block.mlp
         imp = {n: (mod.weight * mod.weight.grad).abs() for n, mod in prune.projections(block)}
         heads = [imp["q_proj"][h * hd:(h + 1) * hd].sum() + imp["o_proj"][:, h * hd:(h + 1) * hd].sum() for h in range(4)]
         kv = [imp["k_proj"][g * hd:(g + 1) * hd].sum() + imp["v_proj"][g * hd:(g + 1) * hd].sum() for g in range(2)]
