@@ -15,6 +15,7 @@ import argparse
 import bz2
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import save_json
-from model import KVCache, Transformer
+from model import KVCache, Transformer, apply_rope, rope_cos_sin
 from tokenizer import Tokenizer
 
 MC_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -293,27 +294,52 @@ def normalize_number(s):
     return s.lower()
 
 
+def place_prefix(model, cache, prefix, pads):
+    """Run `prefix` once and copy its keys and values into each row of `cache` after the row's `pads` left
+    padding positions: a key moved by d positions is rotated by d more (RoPE: R(p + d) = R(d) R(p))."""
+    once, n = prefix_cache(model, prefix, 1, len(prefix)), len(prefix)
+    for r, d in enumerate(pads):
+        cos, sin = rope_cos_sin(model.inv_freq, torch.full((n,), d, device=model.inv_freq.device))
+        for layer, (k, v) in enumerate(zip(once.k, once.v)):
+            cache.k[layer][r, :, d:d + n] = apply_rope(k[0], cos, sin)
+            cache.v[layer][r, :, d:d + n] = v[0]
+
+
 @torch.inference_mode()
-def greedy_until(model, tok, prompt, max_new_tokens, stop_strings=()):
-    """Greedy decoding with a KV cache until a stop id, a stop string or max_new_tokens; the text is cut
-    at the first stop string, as lm-eval's generate_until does."""
-    ids = tok.encode(prompt, bos=False)[-(model.config.max_seq_len - max_new_tokens):]
-    device, new = model.lm_head.weight.device, []
-    cache = prefix_cache(model, ids[:-1], 1, len(ids) + max_new_tokens)
-    x, start = torch.tensor([ids[-1:]], device=device), len(ids) - 1
+def greedy_until(model, tok, prompts, max_new_tokens, stop_strings=()):
+    """Greedy decoding of a batch of prompts with a KV cache, each until a stop id, a stop string or
+    max_new_tokens; a text is cut at the first stop string, as lm-eval's generate_until does. Prompts are
+    left-padded and the pad keys masked (KVCache.key_mask), so a row's text does not depend on its batch."""
+    ids = [tok.encode(p, bos=False)[-(model.config.max_seq_len - max_new_tokens):] for p in prompts]
+    B, L, device = len(ids), max(len(i) for i in ids), model.lm_head.weight.device
+    key_mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
+    for r, row in enumerate(ids):
+        key_mask[r, :L - len(row)] = False
+    cache = KVCache(model, B, L + max_new_tokens, model.lm_head.weight.dtype, device,
+                    key_mask if not key_mask.all() else None)
+    n = min(len(os.path.commonprefix(ids)), min(len(row) for row in ids) - 1) if B > 1 else 0
+    if n:  # a shared prefix (the few-shot examples) runs once
+        place_prefix(model, cache, ids[0][:n], [L - len(row) for row in ids])
+    x, start = torch.tensor([[0] * (L - len(row)) + row for row in ids], device=device)[:, n:], n
+    new, done, live = [[] for _ in ids], [False] * B, list(range(B))
     for _ in range(max_new_tokens):
         logits, _ = model(x, cache=cache, start=start, last_only=True)
-        nxt, start = int(logits[0, -1].argmax()), start + 1
-        if nxt in tok.stop_ids:
+        start, nxt = start + x.shape[1], logits[:, -1].argmax(-1).tolist()
+        for r, t in zip(live, nxt):
+            done[r] = t in tok.stop_ids
+            new[r] += [] if done[r] else [t]
+            done[r] = done[r] or any(s in tok.decode(new[r][-16:]) for s in stop_strings)
+        keep = [j for j, r in enumerate(live) if not done[r]]
+        if not keep:
             break
-        new.append(nxt)
-        if any(s in tok.decode(new[-16:]) for s in stop_strings):
-            break
-        x = torch.tensor([[nxt]], device=device)
-    text = tok.decode(new)
+        if len(keep) < len(live):  # finished rows leave the batch
+            cache.keep_rows(keep)
+            live = [live[j] for j in keep]
+        x = torch.tensor([[nxt[j]] for j in keep], device=device)
+    texts = [tok.decode(n) for n in new]
     for s in stop_strings:
-        text = text.split(s)[0]  # lm-eval cuts at every stop string
-    return text
+        texts = [t.split(s)[0] for t in texts]  # lm-eval cuts at every stop string
+    return texts
 
 
 def eval_gsm8k(model, tok, args):
@@ -322,14 +348,19 @@ def eval_gsm8k(model, tok, args):
     test = read_jsonl(args.data / "gsm8k" / "test.jsonl")[:args.limit]
     shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"
                     for r in read_jsonl(args.data / "gsm8k" / "train.jsonl")[:5])
+    if args.gsm8k_mode == "fewshot":
+        prompts, stops = [shots + f"Question: {r['question']}\nAnswer:" for r in test], ["Question:", "</s>", "<|im_end|>"]
+    else:
+        prompts, stops = [tok.apply_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
+                          for r in test], []
+    order = sorted(range(len(test)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    texts = [None] * len(test)
+    for b in range(0, len(order), args.batch_size):
+        chunk = order[b:b + args.batch_size]
+        for i, text in zip(chunk, greedy_until(model, tok, [prompts[i] for i in chunk], args.max_new_tokens, stops)):
+            texts[i] = text
     strict, flexible = [], []
-    for r in test:
-        if args.gsm8k_mode == "fewshot":
-            text = greedy_until(model, tok, shots + f"Question: {r['question']}\nAnswer:", args.max_new_tokens,
-                                ["Question:", "</s>", "<|im_end|>"])
-        else:
-            prompt = tok.apply_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
-            text = greedy_until(model, tok, prompt, args.max_new_tokens)
+    for r, text in zip(test, texts):
         gold = normalize_number(r["answer"])
         s, f = extract_answers(text)
         strict.append(float(normalize_number(s) == gold))

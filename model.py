@@ -182,10 +182,14 @@ class Attention(nn.Module):
         if not self.uniform_gqa:  # uneven groups after pruning: gather each query head's k/v
             k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
         S = k.shape[2]
-        if T == 1 or start == 0:
+        pad = cache.key_mask if cache is not None else None
+        if pad is None and (T == 1 or start == 0):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.uniform_gqa)
         else:  # a chunk after cached tokens: query i sees keys up to start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            if pad is not None:  # left-padded rows: no query sees a pad key (a pad query sees itself, not NaN)
+                itself = torch.arange(S, device=x.device) == torch.arange(S - T, S, device=x.device)[:, None]
+                mask = (mask & pad[:, None, None, :S]) | itself
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.uniform_gqa)
         if self.head_mask is not None:  # a masked head outputs zero (into o_proj and its LoRA alike)
             y = y * self.head_mask.view(1, -1, 1, 1).to(y.dtype)
@@ -223,12 +227,21 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (B, n_kv_head, max_len, head_dim) each."""
+    """Preallocated keys and values of every layer: (B, n_kv_head, max_len, head_dim) each. key_mask
+    (B, max_len), False at left padding, lets rows of different lengths share a batch: RoPE makes a
+    query-key score depend only on their distance, so a row's outputs do not depend on its padding."""
 
-    def __init__(self, model, batch_size, max_len, dtype, device):
+    def __init__(self, model, batch_size, max_len, dtype, device, key_mask=None):
         self.k = [torch.zeros(batch_size, b.self_attn.n_kv_head, max_len, b.self_attn.head_dim, dtype=dtype, device=device)
                   for b in model.model.layers]
         self.v = [torch.zeros_like(k) for k in self.k]
+        self.key_mask = key_mask
+
+    def keep_rows(self, rows):
+        """Keep only these batch rows (the others' sequences have finished)."""
+        rows = torch.tensor(rows, device=self.k[0].device)
+        self.k, self.v = [k.index_select(0, rows) for k in self.k], [v.index_select(0, rows) for v in self.v]
+        self.key_mask = None if self.key_mask is None else self.key_mask.index_select(0, rows)
 
     def update(self, layer, start, k, v):
         end = start + k.shape[2]

@@ -208,11 +208,34 @@ def test_greedy_until_cuts_at_stop_strings():
     for a, b in zip("abcde", "bcdea"):  # a -> b -> c -> d -> e -> a ...
         table[c(a), c(b)] = 10.0
     model, tok = bigram_model(table), CharTokenizer()
-    assert E.greedy_until(model, tok, "xa", 8) == "bcdeabcd"
-    assert E.greedy_until(model, tok, "xa", 8, stop_strings=["ea"]) == "bcd"
+    assert E.greedy_until(model, tok, ["xa"], 8) == ["bcdeabcd"]
+    assert E.greedy_until(model, tok, ["xa"], 8, stop_strings=["ea"]) == ["bcd"]
     table[c("c"), :] = -10.0
     table[c("c"), tok.eos_id] = 10.0
-    assert E.greedy_until(bigram_model(table), tok, "a", 8) == "bc"
+    assert E.greedy_until(bigram_model(table), tok, ["a"], 8) == ["bc"]
+    # a batch: each row stops on its own (EOS after c, a stop string, or max_new_tokens)
+    assert E.greedy_until(bigram_model(table), tok, ["a", "xxxd", "b"], 8, stop_strings=["ea"]) == ["bc", "", "c"]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    """Left padding with masked pad keys: every row's text equals its text decoded alone."""
+    model, tok = tiny_model(seed=7, vocab_size=32), CharTokenizer()
+    prompts = ["the cat sat", "a", "on the mat. and then", "dog dog dog dog dog dog dog."]
+    alone = [E.greedy_until(model, tok, [p], 12)[0] for p in prompts]
+    assert E.greedy_until(model, tok, prompts, 12) == alone
+    assert E.greedy_until(model, tok, prompts[::-1], 12) == alone[::-1]
+    assert len(set(alone)) > 1  # the prompts do lead to different texts
+    shared = ["a cat and a dog. " + p for p in prompts]  # a common prefix runs once, moved into each row
+    assert E.greedy_until(model, tok, shared, 12) == [E.greedy_until(model, tok, [p], 12)[0] for p in shared]
+
+
+def test_batched_greedy_reproduces_golden(model_fp32, tokenizer, golden):
+    """Hugging Face's greedy continuations, each decoded in one batch with the other golden prompts."""
+    entries = golden["greedy"]
+    n = max(len(e["new_ids"]) for e in entries)
+    texts = E.greedy_until(model_fp32, tokenizer, [e["prompt"] for e in entries], n)
+    for e, text in zip(entries, texts):
+        assert text == tokenizer.decode([i for i in e["new_ids"] if i not in tokenizer.stop_ids]), e["prompt"]
 
 
 def test_deterministic():
@@ -269,3 +292,21 @@ def test_load_model_with_a_lora_adapter(tmp_path, model_dir):
     with torch.no_grad():
         assert torch.equal(merged(idx)[0], without)
     assert tok.encode("Answer:") == Tokenizer.from_pretrained(model_dir).encode("Answer:")
+
+
+def test_shared_prefix_is_placed_as_a_full_run_would_place_it():
+    """place_prefix: the prefix run once, moved behind each row's padding (keys rotated by the shift),
+    holds the keys and values that running each whole row from position 0 of its padding holds."""
+    from model import KVCache
+    model, prefix = tiny_model(seed=3), [1, 2, 3, 4, 5, 6]
+    rows = [prefix + [7, 8], prefix + [9, 10, 11, 12, 13]]
+    L = max(len(r) for r in rows)
+    pads = [L - len(r) for r in rows]
+    cache = KVCache(model, 2, L, torch.float32, "cpu")
+    E.place_prefix(model, cache, prefix, pads)
+    for r, (row, d) in enumerate(zip(rows, pads)):
+        alone = KVCache(model, 1, L, torch.float32, "cpu", key_mask=torch.arange(L)[None] >= d)  # pads masked
+        model.hidden_states(torch.tensor([[0] * d + row]), cache=alone)
+        for layer in range(len(cache.k)):
+            torch.testing.assert_close(cache.k[layer][r, :, d:d + 6], alone.k[layer][0, :, d:d + 6], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.v[layer][r, :, d:d + 6], alone.v[layer][0, :, d:d + 6], atol=1e-5, rtol=0)
