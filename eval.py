@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import save_json
+from checkpoint import atomic_open, save_json
 from model import KVCache, Transformer, apply_rope, rope_cos_sin
 from tokenizer import Tokenizer
 
@@ -349,7 +349,8 @@ def eval_gsm8k(model, tok, args):
     shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"
                     for r in read_jsonl(args.data / "gsm8k" / "train.jsonl")[:5])
     if args.gsm8k_mode == "fewshot":
-        prompts, stops = [shots + f"Question: {r['question']}\nAnswer:" for r in test], ["Question:", "</s>", "<|im_end|>"]
+        prompts = [shots + f"Question: {r['question']}\nAnswer:" for r in test]
+        stops = ["Question:", "</s>", "<|im_end|>"]
     else:
         prompts, stops = [tok.apply_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
                           for r in test], []
@@ -367,7 +368,9 @@ def eval_gsm8k(model, tok, args):
         flexible.append(float(normalize_number(f) == gold))
     return (dict(zip(["strict_match", "strict_match_stderr"], mean_stderr(strict)))
             | dict(zip(["flexible_extract", "flexible_extract_stderr"], mean_stderr(flexible)))
-            | {"rows": len(test), "mode": args.gsm8k_mode, "shots": 5 if args.gsm8k_mode == "fewshot" else 0})
+            | {"rows": len(test), "mode": args.gsm8k_mode, "shots": 5 if args.gsm8k_mode == "fewshot" else 0,
+               "samples": [dict(doc_id=i, text=t, strict_match=a, flexible_extract=b)
+                           for i, (t, a, b) in enumerate(zip(texts, strict, flexible))]})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -406,6 +409,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--samples", help="write GSM8K's generations here (JSON lines: doc_id, text, scores)")
     args = p.parse_args()
     names = [t for name in args.tasks.split(",") for t in (MC_TASKS if name == "zeroshot" else [name])]
     unknown = [n for n in names if n not in ["wikitext2", "ptb", "gsm8k", *MC_TASKS]]
@@ -417,6 +421,10 @@ def main():
     for name in names:
         t0 = time.time()
         res = run_task(name, model, tok, args) | {"seconds": round(time.time() - t0, 1)}
+        samples = res.pop("samples", None)
+        if args.samples and samples:
+            with atomic_open(args.samples, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in samples)
         out["tasks"][name] = res
         print_row(name, res)
         if all(t in out["tasks"] for t in MC_TASKS):

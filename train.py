@@ -2,7 +2,8 @@
 LoRA fine-tuning of a pretrained LLaMA-family model folder, nanoGPT style: the settings are the globals
 below, overridden by config files and --key=value (configurator.py).
 
-    python train.py                                   # LoRA r=8 on GSM8K with the default model, any device
+    python train.py                                   # PrunedLoRA 64 -> 8 on GSM8K with the default model, any device
+    python train.py config/lora_gsm8k.py              # plain LoRA r=8
     python train.py config/lora_alpaca.py --learning_rate=1e-4
     python train.py --init_from=resume                # continue out_dir/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4   # DDP
@@ -53,14 +54,15 @@ block_size = 256
 batch_size = 1            # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all DDP processes
 # LoRA
-lora_r = 8
-lora_alpha = 16.0
+lora_r = 64               # the default run is PrunedLoRA: adapters start at rank 64 ...
+lora_alpha = 64.0         # ... with alpha = r0 (the paper's best scale; s = alpha / r = 1)
 lora_dropout = 0.05
 lora_targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 use_rslora = False
 # rank pruning of the adapters (PrunedLoRA): from lora_r down to rank_target while training
-rank_prune = False
+rank_prune = True         # False: plain LoRA at rank lora_r (config/lora_gsm8k.py)
 globals().update(RANK_DEFAULTS)  # rank_method, rank_target, rank_every (K1), rank_k (K2), ...: see prune.py
+rank_every, rank_start = 2, 10  # 28 events of K2 = 2 over iters 10..66 of 100 (CUDA_DEFAULTS: the paper's K1 = 10)
 # structured pruning of the base (LoRAPrune): heads and MLP channels are masked along a cubic schedule while
 # training and removed for real at the end; the smaller merged model goes to out_dir/merged
 struct_prune = False
@@ -88,7 +90,8 @@ gradient_checkpointing = False
 seed = 1337
 gpu_peak_flops = 989e12   # bf16 dense peak of one GPU, for MFU (H100 SXM; A100: 312e12)
 # on CUDA, settings the user did not set come from here: a GPU does a real fine-tune in the same time
-CUDA_DEFAULTS = dict(block_size=512, batch_size=16, max_iters=1000, eval_interval=100, eval_iters=20, compile=True)
+CUDA_DEFAULTS = dict(block_size=512, batch_size=16, max_iters=1000, eval_interval=100, eval_iters=20, compile=True,
+                     rank_every=10, rank_start=30)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 overridden = configure(globals(), sys.argv[1:])
@@ -105,6 +108,9 @@ if dtype == 'auto':  # on a 2-core CPU with AVX512-BF16 a LoRA step ran ~1.7x fa
     dtype = 'bfloat16' if fast_bf16 else 'float32'
 if dtype not in ('float32', 'bfloat16'):
     sys.exit(f"config error: dtype={dtype!r}, expected 'float32', 'bfloat16' or 'auto'")
+if rank_prune and lora_r <= rank_target:
+    sys.exit(f"config error: rank_prune=True prunes the adapters from lora_r={lora_r} down to rank_target={rank_target}, "
+             f"so lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     if device_type == 'cuda':
@@ -252,9 +258,21 @@ optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), we
 batch_gen = torch.Generator().manual_seed(seed)  # draws the training batches; its state is checkpointed
 torch.manual_seed(seed + rank)                   # dropout differs between processes, like their data
 iter_num, best_val_loss, struct_average = 0, 1e9, None  # struct_average: LoRAPrune's importance average
+rank_state = rank_prune_state(rank_seed) if rank_prune else None  # PrunedLoRA's statistics since the last event
+
+
+def to_device(x):  # the rank-pruning statistics of a checkpoint (loaded on the CPU) back onto the device
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v) for v in x)
+    return {k: to_device(v) for k, v in x.items()} if isinstance(x, dict) else x.to(device) if torch.is_tensor(x) else x
+
+
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     struct_average = checkpoint.get('struct_average')
+    if rank_prune and checkpoint.get('rank_state'):
+        saved = checkpoint['rank_state']
+        rank_state = to_device(saved) | {'generator': torch.Generator().set_state(saved['generator'])}
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     batch_gen.set_state(checkpoint['rng']['batches'])
     rng = checkpoint['rng']['torch'][rank if len(checkpoint['rng']['torch']) == world_size else 0]
@@ -309,6 +327,7 @@ def save_checkpoint():
     ckpt = {'adapter': {k: v for k, v in raw_model.state_dict().items() if k.rsplit('.', 1)[-1] in ADAPTER_TENSORS},
             'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'struct_average': struct_average,
+            'rank_state': rank_state and rank_state | {'generator': rank_state['generator'].get_state()},
             'config': config, 'model_dir': str(model_dir), 'model_config': raw_model.config.to_hf(),
             'rng': {'torch': rngs, 'batches': batch_gen.get_state()}}
     with atomic_open(Path(out_dir) / 'ckpt.pt', 'wb') as f:
@@ -337,12 +356,16 @@ def peak_memory_mib():
 
 # ----------------------------------------------------------------------------- training loop
 if rank_prune:  # a fixed held-out batch measures each pruning event's actual loss change
-    rank_cfg, rank_state = {k: globals()[k] for k in RANK_DEFAULTS}, rank_prune_state(rank_seed)
+    rank_cfg = {k: globals()[k] for k in RANK_DEFAULTS}
     heldout = get_batch('val', batch_size, torch.Generator().manual_seed(seed + 2))
     if rank_schedule_end(lora_r, rank_cfg) > max_iters:
         say(f"warning: the rank schedule ends at iter {rank_schedule_end(lora_r, rank_cfg)}, after max_iters={max_iters}")
-    if master and init_from != 'resume':
-        (Path(out_dir) / 'rank_pruning.jsonl').unlink(missing_ok=True)
+    events_log = Path(out_dir) / 'rank_pruning.jsonl'
+    if master:  # a new run starts a new log; a resumed one forgets the events after its checkpoint
+        kept = [line for line in events_log.read_text().splitlines() if json.loads(line)['step'] <= iter_num] \
+            if init_from == 'resume' and events_log.exists() else []
+        with atomic_open(events_log, 'w') as f:
+            f.write(''.join(line + '\n' for line in kept))
 model.train()
 skipped = 0  # steps skipped for a non-finite loss (skip_nonfinite)
 while True:
@@ -406,7 +429,7 @@ while True:
                 f"actual {event['actual']:.5f}" + (f"; ranking test: spearman {event['ranking']['spearman']:.2f}"
                                                    if event['ranking'] else ''))
             if master:
-                with open(Path(out_dir) / 'rank_pruning.jsonl', 'a') as f:
+                with open(events_log, 'a') as f:
                     f.write(json.dumps(event) + '\n')
     optimizer.zero_grad(set_to_none=True)
 

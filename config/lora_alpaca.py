@@ -5,6 +5,7 @@ dataset = 'alpaca'
 out_dir = 'out/lora_alpaca'
 lora_r = 8
 lora_alpha = 16.0
+rank_prune = False   # the adapters keep rank lora_r (train.py's default prunes them: PrunedLoRA)
 lora_dropout = 0.05
 block_size = 512
 batch_size = 8

@@ -8,6 +8,7 @@ dataset = 'alpaca'
 out_dir = 'out/loraprune'
 lora_r = 8
 lora_alpha = 16.0
+rank_prune = False   # the adapters keep rank lora_r (train.py's default prunes them: PrunedLoRA)
 learning_rate = 1e-4   # the paper's setting (LLaMA-7B, r=8)
 max_iters = 200
 struct_prune = True

@@ -5,5 +5,6 @@ dataset = 'gsm8k'
 out_dir = 'out/prunedlora_lora_r8'
 lora_r = 8
 lora_alpha = 8.0
+rank_prune = False   # the adapters keep rank lora_r (train.py's default prunes them: PrunedLoRA)
 warmup_iters = 30
 max_iters = 400

@@ -7,6 +7,7 @@ dataset = 'alpaca'
 out_dir = 'out/structured_recover'
 lora_r = 8
 lora_alpha = 16.0
+rank_prune = False   # the adapters keep rank lora_r (train.py's default prunes them: PrunedLoRA)
 learning_rate = 1e-4
 max_iters = 200
 export_merged = True

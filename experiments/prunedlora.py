@@ -138,12 +138,24 @@ def event_summary(events):
                 ranking_spearman=ranking["spearman"] if ranking else None)
 
 
+def gsm8k_accuracy(adapter, scale):
+    """eval.py's zero-shot GSM8K in the fine-tuning (chat) format on the first `items` test questions."""
+    out, device = adapter.parent / "gsm8k.json", scale["train"].get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    subprocess.run([sys.executable, "eval.py", "--model", MODEL, "--adapter", adapter, "--tasks", "gsm8k",
+                    "--gsm8k_mode", "chat", "--limit", str(scale["items"]), "--batch_size", "25", "--device", device,
+                    "--output", out], check=True, cwd=ROOT)
+    return json.loads(out.read_text())["tasks"]["gsm8k"]
+
+
 def run_row(name, config, overrides, scale, seed, args):
-    result_path = RESULTS / f"{name}-s{seed}.json"
+    result_path, out_dir = RESULTS / f"{name}-s{seed}.json", OUT / f"{name}-s{seed}"
     if result_path.exists():
         print(f"[have] {result_path}")
-        return json.loads(result_path.read_text())
-    out_dir = OUT / f"{name}-s{seed}"
+        result = json.loads(result_path.read_text())
+        if args.gsm8k and "gsm8k" not in result and not args.dry_run:  # an accuracy pass over earlier runs
+            result["gsm8k"] = gsm8k_accuracy(out_dir / "adapter", scale)
+            result_path.write_text(json.dumps(result, indent=1))
+        return result
     cmd = train_cmd(config, overrides, out_dir, scale, seed)
     print("[run]", " ".join(map(str, cmd)), flush=True)
     if args.dry_run:
@@ -161,11 +173,7 @@ def run_row(name, config, overrides, scale, seed, args):
                   answer_nll=answer_nll(adapter, test_items(scale["items"]), device), items=scale["items"],
                   pruning=event_summary(events), events=events)
     if args.gsm8k:
-        out = out_dir / "gsm8k.json"
-        subprocess.run([sys.executable, "eval.py", "--model", MODEL, "--adapter", adapter, "--tasks", "gsm8k",
-                        "--gsm8k_mode", "chat", "--limit", str(scale["items"]), "--device", device,
-                        "--output", out], check=True, cwd=ROOT)
-        result["gsm8k"] = json.loads(out.read_text())["tasks"]["gsm8k"]
+        result["gsm8k"] = gsm8k_accuracy(adapter, scale)
     RESULTS.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -177,8 +185,11 @@ def summarise(results):
     for name in dict.fromkeys(r["row"] for r in results):
         rs = [r for r in results if r["row"] == name]
         nll = [r["answer_nll"] for r in rs]
+        acc = [100 * r["gsm8k"]["flexible_extract"] for r in rs if "gsm8k" in r]
         table[name] = dict(seeds=len(rs), answer_nll=statistics.mean(nll),
                            answer_nll_sd=statistics.stdev(nll) if len(nll) > 1 else None,
+                           gsm8k_flexible=statistics.mean(acc) if acc else None, gsm8k_seeds=len(acc),
+                           train_wall_s=statistics.mean(r["train_wall_s"] for r in rs),
                            final_rank=rs[0]["final_rank"], pruning=rs[0]["pruning"], command=rs[0]["command"])
     return table
 
@@ -187,14 +198,16 @@ def print_table(table, items):
     print(f"\nSmolLM2-135M-Instruct on GSM8K: held-out answer NLL of the first {items} test items (mean ± sd "
           f"over seeds); pruning: summed predicted / actual held-out loss change over the events, Spearman of the "
           f"single-component ranking test\n")
-    print("| row | answer NLL | seeds | final r | predicted / actual | ranking test |")
-    print("|---|---|---|---|---|---|")
+    print("| row | answer NLL | seeds | GSM8K acc % (flexible) | train s | final r | predicted / actual | ranking test |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, t in table.items():
         sd = f" ± {t['answer_nll_sd']:.3f}" if t["answer_nll_sd"] is not None else ""
         p = t["pruning"]
         pa = f"{p['predicted_sum']:.3g} / {p['actual_sum']:.3g}" if p else ""
         rk = f"{p['ranking_spearman']:.2f}" if p and p.get("ranking_spearman") is not None else ""
-        print(f"| {name} | {t['answer_nll']:.3f}{sd} | {t['seeds']} | {t['final_rank']} | {pa} | {rk} |")
+        acc = f"{t['gsm8k_flexible']:.1f} ({t['gsm8k_seeds']})" if t["gsm8k_flexible"] is not None else ""
+        print(f"| {name} | {t['answer_nll']:.3f}{sd} | {t['seeds']} | {acc} | {t['train_wall_s']:.0f} | "
+              f"{t['final_rank']} | {pa} | {rk} |")
 
 
 def main():

@@ -49,8 +49,8 @@ def make_inputs(folder):
 def args(folder, out, **kw):
     """A checkpoint at every iteration (many writes to land in); the schedule does not depend on max_iters."""
     a = dict(model_dir=folder / "model", data_dir=folder / "data", out_dir=out, block_size=T, batch_size=2, lora_r=4,
-             dtype="float32", device="cpu", eval_iters=2, eval_interval=1, warmup_iters=2, learning_rate=1e-2,
-             min_lr=1e-3, lr_decay_iters=50, lora_dropout=0.1, max_iters=10**6)
+             rank_prune=False, dtype="float32", device="cpu", eval_iters=2, eval_interval=1, warmup_iters=2,
+             learning_rate=1e-2, min_lr=1e-3, lr_decay_iters=50, lora_dropout=0.1, max_iters=10**6)
     a.update(kw)
     return [sys.executable, "-u", "train.py", *(f"--{k}={v}" for k, v in a.items())]
 
@@ -70,8 +70,10 @@ def kill_run(folder, out, aim_at_write, rng):
     while "saved checkpoint" not in out.with_suffix(".log").read_text() and proc.poll() is None:
         time.sleep(0.01)  # the first checkpoint is there (importing torch takes seconds on a busy machine)
     deadline = time.time() + rng.uniform(0.0, 2.0)
-    while time.time() < deadline or (aim_at_write and not list(out.glob("ckpt.pt.tmp-*"))):
+    while proc.poll() is None and (time.time() < deadline or (aim_at_write and not list(out.glob("ckpt.pt.tmp-*")))):
         time.sleep(0.0002 if aim_at_write else 0.01)
+    if proc.poll() is not None:
+        raise RuntimeError(f"train.py exited ({proc.returncode}) before it was killed:\n{out.with_suffix('.log').read_text()[-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     log.close()

@@ -310,3 +310,27 @@ def test_shared_prefix_is_placed_as_a_full_run_would_place_it():
         for layer in range(len(cache.k)):
             torch.testing.assert_close(cache.k[layer][r, :, d:d + 6], alone.k[layer][0, :, d:d + 6], atol=1e-5, rtol=0)
             torch.testing.assert_close(cache.v[layer][r, :, d:d + 6], alone.v[layer][0, :, d:d + 6], atol=1e-5, rtol=0)
+
+
+def test_gsm8k_batches_by_length_and_keeps_the_row_order(tmp_path):
+    """eval_gsm8k decodes questions sorted by length in batches; each sample is still its own row's text."""
+    import json
+    class ByteTokenizer:  # a token per byte; 256 = EOS
+        bos_id, eos_id, stop_ids = None, 256, [256]
+        encode = staticmethod(lambda text, bos=False: list(text.encode()))
+        decode = staticmethod(lambda ids: bytes(i for i in ids if i < 256).decode("latin-1"))
+    model, tok = tiny_model(seed=5, vocab_size=257), ByteTokenizer()
+    with torch.no_grad():  # larger weights than tiny_model's: texts that depend on the question
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    (tmp_path / "gsm8k").mkdir()
+    rows = lambda qs: "".join(json.dumps({"question": q, "answer": "so\n#### 4"}) + "\n" for q in qs)
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(rows(["a b", "c", "d e f", "g", "h i"]))
+    questions = ["how many", "a much longer question than the others", "x", "what is it", "b c d"]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(rows(questions))
+    args = SimpleNamespace(data=tmp_path, limit=None, gsm8k_mode="fewshot", max_new_tokens=6, batch_size=2)
+    res = E.eval_gsm8k(model, tok, args)
+    shots = "".join(f"Question: {q}\nAnswer: so\n#### 4\n\n" for q in ["a b", "c", "d e f", "g", "h i"])
+    alone = [E.greedy_until(model, tok, [shots + f"Question: {q}\nAnswer:"], 6, ["Question:"])[0] for q in questions]
+    assert [s["text"] for s in res["samples"]] == alone and res["rows"] == 5 and len(set(alone)) > 1
+    assert [s["doc_id"] for s in res["samples"]] == list(range(5))

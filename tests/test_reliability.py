@@ -252,6 +252,8 @@ CASES = {
     "wrong config type": (lambda t, g, d, m: train(t, g, d, max_iters="many"),
                           ["max_iters='many'", "expected type int"]),
     "bad dtype value": (lambda t, g, d, m: train(t, g, d, dtype="float16"), ["dtype='float16'", "expected 'float32'"]),
+    "rank pruning with nothing to prune": (lambda t, g, d, m: train(t, g, d, rank_prune=True, lora_r=4, rank_target=8),
+                                           ["lora_r=4", "rank_target=8", "--rank_prune=False"]),
     # data files
     "prepare: source missing": (lambda t, g, d, m: prepare_missing(t), ["nowhere", "not found", "input.txt", "--src"]),
     "prepare: source empty": (lambda t, g, d, m: prepare_empty(t), ["input.txt", "empty file"]),

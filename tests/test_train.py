@@ -44,8 +44,8 @@ def tiny_data(tmp_path_factory):
 
 
 def base_args(model, data, out, **kw):
-    args = dict(model_dir=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, dtype="float32",
-                device="cpu", eval_iters=2, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3)
+    args = dict(model_dir=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, rank_prune=False,
+                dtype="float32", device="cpu", eval_iters=2, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -111,11 +111,16 @@ def test_only_response_tokens_count(tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume == uninterrupted
-def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path):
+# PrunedLoRA: events at steps 7, 9, 11; the checkpoint at iter 6 holds the statistics gathered since step 5
+RANK_PRUNING = dict(rank_prune=True, rank_target=1, rank_every=2, rank_k=1, rank_start=5)
+
+
+@pytest.mark.parametrize("pruning", [{}, RANK_PRUNING], ids=["lora", "rank_pruning"])
+def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path, pruning):
     """Kill a run with SIGKILL after a checkpoint was written, resume it, and compare with a run that never
     stopped: the same losses and gradient norms at every iteration after the checkpoint, the same adapter.
-    Dropout is on, so the RNG states must come back too."""
-    common = dict(eval_interval=3, lr_decay_iters=30, lora_dropout=0.1, gradient_accumulation_steps=2)
+    Dropout is on, so the RNG states must come back too; with rank pruning, its statistics and its log too."""
+    common = dict(eval_interval=3, lr_decay_iters=30, lora_dropout=0.1, gradient_accumulation_steps=2, **pruning)
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-u", "train.py", *base_args(tiny_dir, tiny_data, killed, max_iters=10**6,
@@ -148,6 +153,11 @@ def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path)
     a, b = adapter_tensors(killed), adapter_tensors(whole)
     assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], atol=1e-6, rtol=0) for n in a)
     assert not all(torch.equal(b[n], 0 * b[n]) for n in b if "lora_B" in n)
+    if pruning:
+        log = lambda out: [json.loads(line) for line in (out / "rank_pruning.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in log(killed)] == [e["step"] for e in log(whole)] == [7, 9]
+        assert [e["actual"] for e in log(killed)] == pytest.approx([e["actual"] for e in log(whole)], abs=1e-6)
+        return
 
     # the same checkpoint with another model: a clear error, no traceback
     other = tmp_path / "other_model"
