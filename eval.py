@@ -301,7 +301,7 @@ def place_prefix(model, cache, prefix, pads):
     for r, d in enumerate(pads):
         cos, sin = rope_cos_sin(model.inv_freq, torch.full((n,), d, device=model.inv_freq.device))
         for layer, (k, v) in enumerate(zip(once.k, once.v)):
-            cache.k[layer][r, :, d:d + n] = apply_rope(k[0], cos, sin)
+            cache.k[layer][r, :, d:d + n] = apply_rope(k[0].float(), cos, sin).to(k.dtype)  # rotated in fp32
             cache.v[layer][r, :, d:d + n] = v[0]
 
 
@@ -311,6 +311,8 @@ def greedy_until(model, tok, prompts, max_new_tokens, stop_strings=()):
     max_new_tokens; a text is cut at the first stop string, as lm-eval's generate_until does. Prompts are
     left-padded and the pad keys masked (KVCache.key_mask), so a row's text does not depend on its batch."""
     ids = [tok.encode(p, bos=False)[-(model.config.max_seq_len - max_new_tokens):] for p in prompts]
+    if not all(ids):
+        raise ValueError(f"prompt {[len(i) for i in ids].index(0)} of the batch encodes to no tokens")
     B, L, device = len(ids), max(len(i) for i in ids), model.lm_head.weight.device
     key_mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
     for r, row in enumerate(ids):

@@ -33,7 +33,7 @@ from configurator import configure
 from lora import apply_lora, lora_modules, save_adapter, save_merged
 from model import Transformer
 from prune import (RANK_DEFAULTS, accumulate_fisher, rank_prune_state, rank_prune_step, rank_schedule_end,
-                   slice_adapters)
+                   reset_statistics, slice_adapters)
 from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan  # LoRAPrune (§2)
 
 # ----------------------------------------------------------------------------- default config
@@ -108,9 +108,8 @@ if dtype == 'auto':  # on a 2-core CPU with AVX512-BF16 a LoRA step ran ~1.7x fa
     dtype = 'bfloat16' if fast_bf16 else 'float32'
 if dtype not in ('float32', 'bfloat16'):
     sys.exit(f"config error: dtype={dtype!r}, expected 'float32', 'bfloat16' or 'auto'")
-if rank_prune and lora_r <= rank_target:
-    sys.exit(f"config error: rank_prune=True prunes the adapters from lora_r={lora_r} down to rank_target={rank_target}, "
-             f"so lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
+if struct_prune and 'rank_prune' not in overridden:  # LoRAPrune alone unless rank pruning is asked for too
+    rank_prune = False
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     if device_type == 'cuda':
@@ -171,10 +170,16 @@ if init_from == 'resume':
         model_dir = checkpoint['model_dir']
     for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'):  # the adapter's shape is the checkpoint's
         globals()[k] = config[k] = checkpoint['config'][k]
+    for k in ('rank_prune', *RANK_DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups'):
+        if k not in overridden and k in checkpoint['config']:  # the run goes on as it was started
+            globals()[k] = config[k] = checkpoint['config'][k]
     say(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
 elif init_from != 'pretrained':
     sys.exit(f"config error: init_from={init_from!r}, expected 'pretrained' or 'resume'")
 config['model_dir'] = model_dir
+if rank_prune and lora_r <= rank_target:
+    sys.exit(f"config error: rank_prune=True prunes the adapters from lora_r={lora_r} down to "
+             f"rank_target={rank_target}, so lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
 
 # ----------------------------------------------------------------------------- model + adapters
 if not (Path(model_dir) / 'config.json').exists():
@@ -315,19 +320,35 @@ def estimate_loss():
     return out
 
 
+def rank_state_to_save():
+    """The rank-pruning statistics, the generator as its state. Under DDP the sums an event averages over the
+    processes are saved averaged (every process resumes from that mean: the next event's average is unchanged).
+    last_grad is rewritten at the next micro-step before anything reads it."""
+    state = {k: v for k, v in rank_state.items() if k != 'last_grad'}
+    state |= {'last_grad': {}, 'generator': rank_state['generator'].get_state()}
+    for key in ('fisher_B', 'fisher_A', 'grad_B', 'grad_A') if ddp else ():
+        state[key] = {name: t.clone() for name, t in state[key].items()}
+        for t in state[key].values():
+            dist.all_reduce(t)
+            t /= world_size
+    return state
+
+
 def save_checkpoint():
     """Everything to continue exactly: adapters (with rank masks), optimizer, every process's RNG, the batch
-    sampler's RNG. Plain tensors and Python values only, so torch.load(weights_only=True) reads it."""
+    sampler's RNG, the rank-pruning statistics. Plain tensors and Python values only, so torch.load(weights_only=True)
+    reads it."""
     rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
     rngs = [rng] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng)
+    saved_rank_state = rank_state_to_save() if rank_prune else None  # on every process (DDP all-reduce)
     if not master:
         return
     ckpt = {'adapter': {k: v for k, v in raw_model.state_dict().items() if k.rsplit('.', 1)[-1] in ADAPTER_TENSORS},
             'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'struct_average': struct_average,
-            'rank_state': rank_state and rank_state | {'generator': rank_state['generator'].get_state()},
+            'rank_state': saved_rank_state,
             'config': config, 'model_dir': str(model_dir), 'model_config': raw_model.config.to_hf(),
             'rng': {'torch': rngs, 'batches': batch_gen.get_state()}}
     with atomic_open(Path(out_dir) / 'ckpt.pt', 'wb') as f:
@@ -354,6 +375,13 @@ def peak_memory_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def logged_step(line):  # the step of a line of rank_pruning.jsonl; a line cut short by a kill counts as after
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError):
+        return float('inf')
+
+
 # ----------------------------------------------------------------------------- training loop
 if rank_prune:  # a fixed held-out batch measures each pruning event's actual loss change
     rank_cfg = {k: globals()[k] for k in RANK_DEFAULTS}
@@ -362,7 +390,7 @@ if rank_prune:  # a fixed held-out batch measures each pruning event's actual lo
         say(f"warning: the rank schedule ends at iter {rank_schedule_end(lora_r, rank_cfg)}, after max_iters={max_iters}")
     events_log = Path(out_dir) / 'rank_pruning.jsonl'
     if master:  # a new run starts a new log; a resumed one forgets the events after its checkpoint
-        kept = [line for line in events_log.read_text().splitlines() if json.loads(line)['step'] <= iter_num] \
+        kept = [line for line in events_log.read_text().splitlines() if logged_step(line) <= iter_num] \
             if init_from == 'resume' and events_log.exists() else []
         with atomic_open(events_log, 'w') as f:
             f.write(''.join(line + '\n' for line in kept))
@@ -410,6 +438,8 @@ while True:
                      f"and weights, or set --skip_nonfinite=True to skip such steps")
         skipped += 1
         say(f"iter {iter_num}: loss {loss_sum.item()}, not finite: step skipped ({skipped} skipped so far)")
+        if rank_prune:  # the sums since the last event hold this step's NaN: start them afresh
+            reset_statistics(rank_state)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         continue

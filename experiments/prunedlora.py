@@ -140,7 +140,8 @@ def event_summary(events):
 
 def gsm8k_accuracy(adapter, scale):
     """eval.py's zero-shot GSM8K in the fine-tuning (chat) format on the first `items` test questions."""
-    out, device = adapter.parent / "gsm8k.json", scale["train"].get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    out = adapter.parent / "gsm8k.json"
+    device = scale["train"].get("device", "cuda" if torch.cuda.is_available() else "cpu")
     subprocess.run([sys.executable, "eval.py", "--model", MODEL, "--adapter", adapter, "--tasks", "gsm8k",
                     "--gsm8k_mode", "chat", "--limit", str(scale["items"]), "--batch_size", "25", "--device", device,
                     "--output", out], check=True, cwd=ROOT)
@@ -152,7 +153,9 @@ def run_row(name, config, overrides, scale, seed, args):
     if result_path.exists():
         print(f"[have] {result_path}")
         result = json.loads(result_path.read_text())
-        if args.gsm8k and "gsm8k" not in result and not args.dry_run:  # an accuracy pass over earlier runs
+        if args.gsm8k and "gsm8k" not in result and not (out_dir / "adapter").exists():
+            print(f"[skip] no {out_dir / 'adapter'}: cannot add the GSM8K accuracy to {result_path}")
+        elif args.gsm8k and "gsm8k" not in result and not args.dry_run:  # an accuracy pass over earlier runs
             result["gsm8k"] = gsm8k_accuracy(out_dir / "adapter", scale)
             result_path.write_text(json.dumps(result, indent=1))
         return result

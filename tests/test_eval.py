@@ -217,6 +217,11 @@ def test_greedy_until_cuts_at_stop_strings():
     assert E.greedy_until(bigram_model(table), tok, ["a", "xxxd", "b"], 8, stop_strings=["ea"]) == ["bc", "", "c"]
 
 
+def test_greedy_until_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="prompt 1 of the batch encodes to no tokens"):
+        E.greedy_until(tiny_model(seed=7, vocab_size=32), CharTokenizer(), ["abc", ""], 4)
+
+
 def test_batched_greedy_equals_one_prompt_at_a_time():
     """Left padding with masked pad keys: every row's text equals its text decoded alone."""
     model, tok = tiny_model(seed=7, vocab_size=32), CharTokenizer()

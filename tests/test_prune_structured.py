@@ -306,9 +306,10 @@ def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_
     (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97, "masked": False}))
 
     def train_args(out, **kw):
-        args = dict(model_dir=src, data_dir=data, out_dir=out, block_size=16, batch_size=2, lora_r=4, rank_prune=False,
-                    dtype="float32", device="cpu", eval_iters=1, eval_interval=4, warmup_iters=1, learning_rate=1e-2, max_iters=12,
-                    lr_decay_iters=12, struct_prune=True, struct_sparsity=0.25, struct_every=3)
+        args = dict(model_dir=src, data_dir=data, out_dir=out, block_size=16, batch_size=2, lora_r=4, lora_alpha=16,
+                    rank_prune=False, dtype="float32", device="cpu", eval_iters=1, eval_interval=4, warmup_iters=1,
+                    learning_rate=1e-2, max_iters=12, lr_decay_iters=12, struct_prune=True, struct_sparsity=0.25,
+                    struct_every=3)
         return [sys.executable, "-u", "train.py", *[f"--{k}={v}" for k, v in {**args, **kw}.items()]]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")

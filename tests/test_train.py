@@ -44,8 +44,9 @@ def tiny_data(tmp_path_factory):
 
 
 def base_args(model, data, out, **kw):
-    args = dict(model_dir=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, rank_prune=False,
-                dtype="float32", device="cpu", eval_iters=2, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3)
+    args = dict(model_dir=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, lora_alpha=16,
+                rank_prune=False, dtype="float32", device="cpu", eval_iters=2, warmup_iters=2, learning_rate=1e-2,
+                min_lr=1e-3)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -217,3 +218,14 @@ def test_config_files_are_valid(tiny_dir, tiny_data, tmp_path):
     files = ["config/lora_gsm8k.py", "config/lora_alpaca.py"]
     out = train([*files, *base_args(tiny_dir, tiny_data, tmp_path, eval_only=True, eval_iters=1)]).stdout
     assert all(f"overriding config with {f}" in out for f in files) and "step 0: train loss" in out
+
+
+def test_resume_keeps_the_runs_own_pruning_settings(tiny_dir, tiny_data, tmp_path):
+    """A plain LoRA run (rank_prune=False) resumed without repeating its settings stays plain LoRA, although
+    train.py's default is now rank pruning (which would refuse lora_r=4 <= rank_target=8)."""
+    out = tmp_path / "out"
+    train(base_args(tiny_dir, tiny_data, out, max_iters=2, eval_interval=2))
+    args = [a for a in base_args(tiny_dir, tiny_data, out, max_iters=4, eval_interval=2, init_from="resume")
+            if not a.startswith("--rank_prune=")]
+    r = train(args)
+    assert "resuming from" in r.stdout and "pruned" not in r.stdout and not (out / "rank_pruning.jsonl").exists()
