@@ -7,7 +7,7 @@ tasks=${*:-"openbookqa winogrande arc_challenge arc_easy piqa boolq hellaswag wi
 for t in $tasks; do
   [ -s results/dense/$t.json ] && continue
   echo "$(date -u +%FT%TZ) start $t"
-  extra=""; [ "$t" = gsm8k ] && extra="--batch_size 32"   # 32 questions decoded together (eval.py greedy_until)
+  extra=""; [ "$t" = gsm8k ] && extra="--batch_size 32 --samples results/dense/gsm8k_samples.jsonl"  # + generations
   python eval.py --model models/smollm2-135m-instruct --tasks $t $extra --output results/dense/$t.json > results/dense/$t.log 2>&1
   echo "$(date -u +%FT%TZ) end $t rc=$?"
 done

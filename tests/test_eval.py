@@ -217,6 +217,22 @@ def test_greedy_until_cuts_at_stop_strings():
     assert E.greedy_until(bigram_model(table), tok, ["a", "xxxd", "b"], 8, stop_strings=["ea"]) == ["bc", "", "c"]
 
 
+def test_contexts_batched_together_score_as_one_at_a_time():
+    """Contexts of different lengths in one batch (left-padded, pad keys masked, cache rows repeated per
+    continuation) give the log-likelihoods each context gets alone."""
+    model = tiny_model(seed=9, vocab_size=32)
+    rng = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, 29, (n,), generator=rng).tolist()
+    requests = [(ctx, ids(k)) for ctx in (ids(1), ids(3), ids(9), ids(17)) for k in (1, 4, 2)]
+    requests += [(ids(6), ids(3))]
+    alone = E.loglikelihoods(model, requests, batch_size=1)
+    together = E.loglikelihoods(model, requests, batch_size=64)
+    assert together == pytest.approx(alone, abs=1e-5)
+    direct = F.log_softmax(model(torch.tensor([requests[7][0] + requests[7][1]]))[0][0], -1)  # no cache at all
+    n = len(requests[7][0])
+    assert alone[7] == pytest.approx(sum(direct[n - 1 + t, c].item() for t, c in enumerate(requests[7][1])), abs=1e-5)
+
+
 def test_greedy_until_refuses_an_empty_prompt():
     with pytest.raises(ValueError, match="prompt 1 of the batch encodes to no tokens"):
         E.greedy_until(tiny_model(seed=7, vocab_size=32), CharTokenizer(), ["abc", ""], 4)
