@@ -324,8 +324,7 @@ def rank_state_to_save():
     """The rank-pruning statistics, the generator as its state. Under DDP the sums an event averages over the
     processes are saved averaged (every process resumes from that mean: the next event's average is unchanged).
     last_grad is rewritten at the next micro-step before anything reads it."""
-    state = {k: v for k, v in rank_state.items() if k != 'last_grad'}
-    state |= {'last_grad': {}, 'generator': rank_state['generator'].get_state()}
+    state = rank_state | {'last_grad': {}, 'generator': rank_state['generator'].get_state()}
     for key in ('fisher_B', 'fisher_A', 'grad_B', 'grad_A') if ddp else ():
         state[key] = {name: t.clone() for name, t in state[key].items()}
         for t in state[key].values():
