@@ -62,6 +62,9 @@ RANK_DEFAULTS = dict(
 )
 
 
+STATISTICS = ("fisher_B", "fisher_A", "grad_B", "grad_A")  # the sums an event averages over steps (and processes)
+
+
 def rank_prune_state(seed=0):
     """What the scores need, per adapter (dicts keyed by module name): sums since the last event."""
     return dict(n_micro=0, batch_size=1, fisher_B={}, fisher_A={}, grad_B={}, grad_A={}, act={}, last_grad={},
@@ -71,7 +74,7 @@ def rank_prune_state(seed=0):
 def reset_statistics(state):
     """Start the sums since the last event afresh (the step's gradient and AdaLoRA's averages stay)."""
     state["n_micro"] = 0
-    for key in ("fisher_B", "fisher_A", "grad_B", "grad_A", "act"):
+    for key in (*STATISTICS, "act"):
         state[key].clear()
 
 
@@ -368,6 +371,14 @@ def ranking_test(model, name, batch, state, method="prunedlora", n=16, recovery=
 
 
 # --- the schedule
+def average_over_processes(state):
+    """Under DDP, replace each process's statistics by their mean over the processes, in place."""
+    if dist.is_available() and dist.is_initialized():
+        for t in (t for key in STATISTICS for t in state[key].values()):
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+
+
 def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
     """Call after every optimizer step, step = optimizer steps done; cfg: RANK_DEFAULTS keys to override.
     On a pruning event: score -> choose -> recovery update -> mask, and return a log dict with the
@@ -386,10 +397,7 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
     excess = sum(int(m.rank_mask.sum()) - c["target"] for m in mods.values())
     if step <= c["start"] or (step - c["start"]) % c["every"] or excess <= 0:
         return None
-    if dist.is_available() and dist.is_initialized():  # every process must choose the same components
-        for t in (t for key in ("fisher_B", "fisher_A", "grad_B", "grad_A") for t in state[key].values()):
-            dist.all_reduce(t)
-            t /= dist.get_world_size()
+    average_over_processes(state)  # every process must choose the same components
     if c["method"] == "activation_obs":
         if batch is None:
             raise ValueError("activation_obs needs calibration tokens: pass a held-out batch")

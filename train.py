@@ -32,8 +32,8 @@ from checkpoint import atomic_open
 from configurator import configure
 from lora import apply_lora, lora_modules, save_adapter, save_merged
 from model import Transformer
-from prune import (RANK_DEFAULTS, accumulate_fisher, rank_prune_state, rank_prune_step, rank_schedule_end,
-                   reset_statistics, slice_adapters)
+from prune import (RANK_DEFAULTS, STATISTICS, accumulate_fisher, average_over_processes, rank_prune_state,
+                   rank_prune_step, rank_schedule_end, reset_statistics, slice_adapters)
 from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan  # LoRAPrune (§2)
 
 # ----------------------------------------------------------------------------- default config
@@ -325,11 +325,8 @@ def rank_state_to_save():
     processes are saved averaged (every process resumes from that mean: the next event's average is unchanged).
     last_grad is rewritten at the next micro-step before anything reads it."""
     state = rank_state | {'last_grad': {}, 'generator': rank_state['generator'].get_state()}
-    for key in ('fisher_B', 'fisher_A', 'grad_B', 'grad_A') if ddp else ():
-        state[key] = {name: t.clone() for name, t in state[key].items()}
-        for t in state[key].values():
-            dist.all_reduce(t)
-            t /= world_size
+    state |= {key: {name: t.clone() for name, t in state[key].items()} for key in STATISTICS} if ddp else {}
+    average_over_processes(state)
     return state
 
 

@@ -186,6 +186,29 @@ def test_ddp_two_processes_match_one(tiny_dir, tiny_data, tmp_path):
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-5) for n in a)
 
 
+def test_ddp_rank_pruning_resumed_matches_uninterrupted(tiny_dir, tiny_data, tmp_path):
+    """Under DDP each process keeps its own rank-pruning sums and an event averages them; a checkpoint saves the
+    average (prune.average_over_processes), so a resumed DDP run takes the same events as one that never stopped."""
+    common = dict(eval_interval=3, lr_decay_iters=30, lora_dropout=0.0, gradient_accumulation_steps=4,
+                  always_save_checkpoint=True, **RANK_PRUNING)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    train(base_args(tiny_dir, tiny_data, stopped, max_iters=6, **common), launcher=launcher)
+    resumed = train(base_args(tiny_dir, tiny_data, stopped, max_iters=10, init_from="resume", **common),
+                    launcher=launcher).stdout
+    uninterrupted = train(base_args(tiny_dir, tiny_data, whole, max_iters=10, **common), launcher=launcher).stdout
+    r_iters, _ = logged(resumed)
+    u_iters, _ = logged(uninterrupted)
+    assert sorted(r_iters) == list(range(6, 10))
+    assert all(r_iters[i] == pytest.approx(u_iters[i], abs=1e-5) for i in r_iters)
+    log = lambda out: [json.loads(line) for line in (out / "rank_pruning.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log(stopped)] == [e["step"] for e in log(whole)] == [7, 9]
+    assert [e["pruned"] for e in log(stopped)] == [e["pruned"] for e in log(whole)]
+    assert [e["actual"] for e in log(stopped)] == pytest.approx([e["actual"] for e in log(whole)], abs=1e-5)
+    a, b = adapter_tensors(stopped), adapter_tensors(whole)
+    assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+
+
 # ----------------------------------------------------------------------------- configurator
 def test_configurator_checks_keys_and_types(tmp_path, capsys):
     config = dict(lr=1e-3, iters=10, name="x", flag=False, targets=("a", "b"))
