@@ -3,6 +3,7 @@ PrunedLoRA (ALGORITHMS.md §1, issue 6): the rank-pruning table on GSM8K with th
 
     python experiments/prunedlora.py table [--scale cpu-small|gpu] [--seeds 0,1] [--rows a,b] [--dry_run]
     python experiments/prunedlora.py rows                       # the rows and their train.py settings
+    python experiments/prunedlora.py report [--rows a,b]        # the table of the results there are; runs nothing
     python experiments/prunedlora.py table --smoke --rows prunedlora_64to8   # a minute: does it all run?
 
 Every row is one train.py run per seed (config/prunedlora_64to8.py or config/prunedlora_lora.py, then
@@ -215,7 +216,7 @@ def print_table(table, items):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("table", "rows"))
+    p.add_argument("what", choices=("table", "rows", "report"))
     p.add_argument("--scale", choices=tuple(SCALES), default="gpu" if torch.cuda.is_available() else "cpu-small")
     p.add_argument("--seeds", help="comma list (default: the scale's)")
     p.add_argument("--rows", help="comma list of row names (default: all)")
@@ -236,8 +237,14 @@ def main():
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(table)}")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
-    results = [run_row(n, *table[n], scale, seed, args) for n in names for seed in seeds]
+    if args.what == "report":  # every seed there is, in the table's row order
+        paths = [path for n in names for path in sorted(RESULTS.glob(f"{n}-s*.json"))]
+        if not paths:
+            p.error(f"no results of rows {names} in {RESULTS}: make them with `table`")
+        results = [json.loads(path.read_text()) for path in paths]
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
+        results = [run_row(n, *table[n], scale, seed, args) for n in names for seed in seeds]
     if not args.dry_run:
         summary = summarise(results)
         RESULTS.mkdir(parents=True, exist_ok=True)
