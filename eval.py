@@ -13,6 +13,7 @@ Evaluation, with the numbers computed as EleutherAI's lm-evaluation-harness comp
 """
 import argparse
 import bz2
+import hashlib
 import json
 import math
 import os
@@ -130,14 +131,48 @@ def prefix_cache(model, prefix, batch, length):
     return cache
 
 
+def request_key(ctx, cont):
+    return hashlib.sha1(json.dumps([ctx, cont]).encode()).hexdigest()
+
+
+def open_store(path, header):
+    """--use_cache: {request key: log-likelihood} computed by earlier runs into the JSON-lines file `path` (its
+    first line `header` names the model; a line cut off by a kill is dropped), and a function that appends more."""
+    known, path = {}, Path(path)
+    if path.exists() and path.stat().st_size:
+        first, *lines = path.read_text().splitlines()
+        if json.loads(first) != header:
+            raise SystemExit(f"{path} holds log-likelihoods of {first}, not of {json.dumps(header)}: "
+                             "give this evaluation its own --use_cache folder")
+        for line in lines:
+            try:
+                known.update(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run
+                pass
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(header) + "\n")
+    if not path.read_text().endswith("\n"):
+        with open(path, "a") as f:
+            f.write("\n")
+
+    def append(new):
+        with open(path, "a") as f:
+            f.write(json.dumps(new) + "\n")
+    return known, append
+
+
 @torch.inference_mode()
-def loglikelihoods(model, requests, batch_size=8):
+def loglikelihoods(model, requests, batch_size=8, store=None):
     """Summed log-probability of each continuation given its context, for [(context_ids, continuation_ids)].
     Requests with the same context run it once: context[:-1] fills a KV cache, copied across a batch of
-    rows [context[-1]] + continuation[:-1] (right-padded), whose logits score the continuation tokens."""
-    groups, out, device = {}, [0.0] * len(requests), model.lm_head.weight.device
+    rows [context[-1]] + continuation[:-1] (right-padded), whose logits score the continuation tokens.
+    store: open_store's (known, append): known requests are not run again, new ones are appended per batch."""
+    known, append = store or ({}, None)
+    groups, out, device = {}, [known.get(request_key(*r)) for r in requests], model.lm_head.weight.device
     for i, (ctx, cont) in enumerate(requests):
-        groups.setdefault(tuple(ctx), []).append(i)
+        if out[i] is None:
+            groups.setdefault(tuple(ctx), []).append(i)
     for ctx, members in groups.items():
         for b in range(0, len(members), batch_size):
             idxs = members[b:b + batch_size]
@@ -150,6 +185,8 @@ def loglikelihoods(model, requests, batch_size=8):
             logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
             for r, (i, cont) in enumerate(zip(idxs, conts)):
                 out[i] = logp[r, torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+            if append:
+                append({request_key(*requests[i]): out[i] for i in idxs})
     return out
 
 
@@ -163,11 +200,11 @@ def argmax(xs):  # the first index of the largest value, as np.argmax
     return max(range(len(xs)), key=lambda i: xs[i])
 
 
-def score_mc(model, tok, items, batch_size=8):
+def score_mc(model, tok, items, batch_size=8, store=None):
     """acc = argmax of the summed log-likelihoods; acc_norm = argmax of them divided by len(choice), the
     choice's length in characters as lm-eval counts it (Python len of the string, no leading space)."""
     requests = [encode_pair(tok, c, k) for it in items for c, k in it["requests"]]
-    lls, at = loglikelihoods(model, requests, batch_size), 0
+    lls, at = loglikelihoods(model, requests, batch_size, store), 0
     acc, acc_norm = [], []
     for it in items:
         ll, at = lls[at:at + len(it["requests"])], at + len(it["requests"])
@@ -381,7 +418,12 @@ def run_task(name, model, tok, args):
     special = {"wikitext2": eval_wikitext2, "ptb": eval_ptb, "gsm8k": eval_gsm8k}
     if name in special:
         return special[name](model, tok, args)
-    return score_mc(model, tok, LOADERS[name](args.data)[:args.limit], args.batch_size)
+    store = None
+    if args.use_cache:  # lm-eval's --use_cache: a stopped evaluation continues where it stopped
+        header = dict(model=str(Path(args.model).resolve()), adapter=args.adapter and str(Path(args.adapter).resolve()),
+                      dtype=args.dtype, task=name)
+        store = open_store(Path(args.use_cache) / f"{name}.jsonl", header)
+    return score_mc(model, tok, LOADERS[name](args.data)[:args.limit], args.batch_size, store)
 
 
 def print_row(name, res):
@@ -412,6 +454,8 @@ def main():
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--samples", help="write GSM8K's generations here (JSON lines: doc_id, text, scores)")
+    p.add_argument("--use_cache", help="folder: keep each multiple-choice request's log-likelihood there as it is "
+                                       "computed; a rerun with the same folder computes only the missing ones")
     args = p.parse_args()
     names = [t for name in args.tasks.split(",") for t in (MC_TASKS if name == "zeroshot" else [name])]
     unknown = [n for n in names if n not in ["wikitext2", "ptb", "gsm8k", *MC_TASKS]]

@@ -1,6 +1,7 @@
 """eval.py against closed-form answers: a bigram "model" whose logits are a chosen table (a real Transformer
 whose blocks add nothing), a character tokenizer, lm-eval's definitions (checked against lm_eval itself
 where it is installed), and direct computations on a tiny random model."""
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -231,6 +232,31 @@ def test_contexts_batched_together_score_as_one_at_a_time():
     direct = F.log_softmax(model(torch.tensor([requests[7][0] + requests[7][1]]))[0][0], -1)  # no cache at all
     n = len(requests[7][0])
     assert alone[7] == pytest.approx(sum(direct[n - 1 + t, c].item() for t, c in enumerate(requests[7][1])), abs=1e-5)
+
+
+def test_use_cache_continues_a_killed_run_with_the_same_numbers(tmp_path):
+    """--use_cache: a run killed midway (its last line cut off) is continued: only the missing requests run,
+    and the result equals an uncached run; the file of another model is refused, not mixed in."""
+    model = tiny_model(seed=3, vocab_size=32)
+    tok = CharTokenizer()
+    items = [E.mc_item(ctx, ["ab", "c", "dde"], gold=i % 3) for i, ctx in enumerate(["xy", "q", "abc", "pq", "z"])]
+    plain = E.score_mc(model, tok, items, batch_size=2)
+    path, header = tmp_path / "cache" / "task.jsonl", dict(model="tiny", task="t")
+    assert E.score_mc(model, tok, items, 2, E.open_store(path, header)) == plain
+    lines = path.read_text().splitlines()  # the header, then one line per batch (5 contexts x 2 batches)
+    assert len(lines) == 11 and json.loads(lines[0]) == header
+    path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:9])  # killed while writing the fourth batch
+    lm_head_calls = []
+    model.lm_head.register_forward_hook(lambda *_: lm_head_calls.append(1))
+    known, append = E.open_store(path, header)
+    assert len(known) == sum(len(json.loads(line)) for line in lines[1:4]) == 5  # batches of 2, 1, 2
+    assert E.score_mc(model, tok, items, 2, (known, append)) == plain
+    assert len(lm_head_calls) == 10 - 3  # the batches that were not in the file
+    assert len(E.open_store(path, header)[0]) == 15  # every request is in the file now
+    lm_head_calls.clear()
+    assert E.score_mc(model, tok, items, 2, E.open_store(path, header)) == plain and not lm_head_calls
+    with pytest.raises(SystemExit, match="not of .*other"):
+        E.open_store(path, dict(model="other", task="t"))
 
 
 def test_greedy_until_refuses_an_empty_prompt():
