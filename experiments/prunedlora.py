@@ -183,6 +183,14 @@ def run_row(name, config, overrides, scale, seed, args):
     return result
 
 
+def final_ranks(result):
+    """'8' when every adapter ends at one rank, else 'mean (min-max)', from the last pruning event."""
+    last = result["events"][-1] if result["events"] else None
+    if last is None or last["rank_min"] == last["rank_max"]:
+        return str(result["final_rank"])
+    return f"{last['rank_mean']:.0f} ({last['rank_min']}-{last['rank_max']})"
+
+
 def summarise(results):
     """Per row: mean (and spread) over seeds of the answer NLL, and the pruning log's figures."""
     table = {}
@@ -194,7 +202,7 @@ def summarise(results):
                            answer_nll_sd=statistics.stdev(nll) if len(nll) > 1 else None,
                            gsm8k_flexible=statistics.mean(acc) if acc else None, gsm8k_seeds=len(acc),
                            train_wall_s=statistics.mean(r["train_wall_s"] for r in rs),
-                           final_rank=rs[0]["final_rank"], pruning=rs[0]["pruning"], command=rs[0]["command"])
+                           final_rank=final_ranks(rs[0]), pruning=rs[0]["pruning"], command=rs[0]["command"])
     return table
 
 
