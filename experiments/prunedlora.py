@@ -201,6 +201,7 @@ def summarise(results):
         table[name] = dict(seeds=len(rs), answer_nll=statistics.mean(nll),
                            answer_nll_sd=statistics.stdev(nll) if len(nll) > 1 else None,
                            gsm8k_flexible=statistics.mean(acc) if acc else None, gsm8k_seeds=len(acc),
+                           gsm8k_flexible_sd=statistics.stdev(acc) if len(acc) > 1 else None,
                            train_wall_s=statistics.mean(r["train_wall_s"] for r in rs),
                            final_rank=final_ranks(rs[0]), pruning=rs[0]["pruning"], command=rs[0]["command"])
     return table
@@ -217,7 +218,8 @@ def print_table(table, items):
         p = t["pruning"]
         pa = f"{p['predicted_sum']:.3g} / {p['actual_sum']:.3g}" if p else ""
         rk = f"{p['ranking_spearman']:.2f}" if p and p.get("ranking_spearman") is not None else ""
-        acc = f"{t['gsm8k_flexible']:.1f} ({t['gsm8k_seeds']})" if t["gsm8k_flexible"] is not None else ""
+        acc_sd = f" ± {t['gsm8k_flexible_sd']:.1f}" if t.get("gsm8k_flexible_sd") is not None else ""
+        acc = f"{t['gsm8k_flexible']:.1f}{acc_sd} ({t['gsm8k_seeds']})" if t["gsm8k_flexible"] is not None else ""
         print(f"| {name} | {t['answer_nll']:.3f}{sd} | {t['seeds']} | {acc} | {t['train_wall_s']:.0f} | "
               f"{t['final_rank']} | {pa} | {rk} |")
 
