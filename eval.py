@@ -139,8 +139,9 @@ def open_store(path, header):
     """--use_cache: {request key: log-likelihood} computed by earlier runs into the JSON-lines file `path` (its
     first line `header` names the model; a line cut off by a kill is dropped), and a function that appends more."""
     known, path = {}, Path(path)
-    if path.exists() and path.stat().st_size:
-        first, *lines = path.read_text().splitlines()
+    text = path.read_text() if path.exists() else ""
+    if text:
+        first, *lines = text.splitlines()
         if json.loads(first) != header:
             raise SystemExit(f"{path} holds log-likelihoods of {first}, not of {json.dumps(header)}: "
                              "give this evaluation its own --use_cache folder")
@@ -149,12 +150,12 @@ def open_store(path, header):
                 known.update(json.loads(line))
             except json.JSONDecodeError:  # the last line of a killed run
                 pass
+        if not text.endswith("\n"):  # appends start on a line of their own
+            with open(path, "a") as f:
+                f.write("\n")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(header) + "\n")
-    if not path.read_text().endswith("\n"):
-        with open(path, "a") as f:
-            f.write("\n")
 
     def append(new):
         with open(path, "a") as f:
