@@ -170,7 +170,8 @@ def loglikelihoods(model, requests, batch_size=8, store=None):
     rows [context[-1]] + continuation[:-1] (right-padded), whose logits score the continuation tokens.
     store: open_store's (known, append): known requests are not run again, new ones are appended per batch."""
     known, append = store or ({}, None)
-    groups, out, device = {}, [known.get(request_key(*r)) for r in requests], model.lm_head.weight.device
+    keys = [request_key(*r) for r in requests] if store else [None] * len(requests)
+    groups, out, device = {}, [known.get(k) for k in keys], model.lm_head.weight.device
     for i, (ctx, cont) in enumerate(requests):
         if out[i] is None:
             groups.setdefault(tuple(ctx), []).append(i)
@@ -187,7 +188,7 @@ def loglikelihoods(model, requests, batch_size=8, store=None):
             for r, (i, cont) in enumerate(zip(idxs, conts)):
                 out[i] = logp[r, torch.arange(len(cont)), torch.tensor(cont)].sum().item()
             if append:
-                append({request_key(*requests[i]): out[i] for i in idxs})
+                append({keys[i]: out[i] for i in idxs})
     return out
 
 
