@@ -24,7 +24,6 @@ Sparsity = the fraction of ALL parameters removed (embeddings included, LoRA exc
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -39,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 import prune  # noqa: E402
 from lora import apply_lora, lora_modules, lora_parameters  # noqa: E402
 from model import Transformer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import structured  # noqa: E402  (the table's evaluation)
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 STAGES = {"stage1": {"pydocs": False, "shakespeare": False, "gsm8k": False},  # source: loss on responses only?
@@ -257,13 +259,12 @@ def run(cfg):
     results.write_text(json.dumps(result, indent=1) + "\n")
     results.with_name(f"{name}-kda.json").write_text(json.dumps(kda, indent=1) + "\n")  # experiments/plot_kda.py
     log(f"wrote {out} and {results}; tokens per stage {tokens}")
-    evaluate = [sys.executable, "eval.py", "--model", str(out), "--tasks", "wikitext2,zeroshot", "--limit",
-                str(cfg.limit), "--output", str(ROOT / "results" / "structured" / f"{name}.json")]
-    if cfg.eval:
-        subprocess.run(evaluate, check=True, cwd=ROOT)
+    train_tokens = sum(tokens[stage] for stage in tokens if stage != "kda")  # the analysis reads val batches only
+    if cfg.eval:  # the table's evaluation, the same as every other row's
+        structured.evaluate(out, name, cfg.limit, cfg.ppl_pages, train_tokens)
     else:
-        log("the table's evaluation: " + " ".join(evaluate))
-
+        log(f"its row of the table: rerun with --eval, or structured.evaluate({str(out)!r}, {name!r}, "
+            f"{cfg.limit}, {cfg.ppl_pages}, {train_tokens})")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +278,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true", help="run eval.py on the result (as experiments/structured.py does)")
-    p.add_argument("--limit", type=int, default=200, help="eval rows per task (pages for WikiText-2)")
+    p.add_argument("--limit", type=int, default=structured.LIMIT, help="zero-shot rows per task (0: all)")
+    p.add_argument("--ppl_pages", type=int, default=structured.PPL_PAGES, help="WikiText-2 pages (0: all 62)")
     for key, value in SCALES["cpu-small"].items():
         p.add_argument(f"--{key}", type=type(value), default=None, help="overrides the scale's value")
     cfg = p.parse_args(argv)

@@ -1,20 +1,25 @@
 """
 Structured pruning of the base (ALGORITHMS.md §2, §5): the 20% / 50% table and the ranking test of the criteria.
 
-    python experiments/structured.py table   [--sparsities 0.2,0.5] [--limit 200] [--steps 200] [--dry_run]
+    python experiments/structured.py table   [--sparsities 0.2,0.5] [--limit 100] [--ppl_pages 5] [--steps 200] [--dry_run]
+    python experiments/structured.py report  # the table of the rows evaluated so far (results/structured); runs nothing
+    python experiments/structured.py speed   # inference tokens/s and weight memory: dense against each pruned model
     python experiments/structured.py ranking [--heads 64] [--blocks 64] [--block 32] [--tokens 2048]
+    python experiments/plot_structured.py    # kept heads / MLP width per layer of every method
 
-table: one row per model, each evaluated by eval.py on WikiText-2 (lm-eval's word perplexity, and LLM-Pruner's
-token perplexity with windows of 128) and on the seven zero-shot tasks, the first --limit rows of each (CPU):
+table: one row per model, each evaluated by eval.py on the seven zero-shot tasks (the first --limit rows of each)
+and on WikiText-2 (lm-eval's word perplexity over the first --ppl_pages pages; LLM-Pruner's token perplexity over
+as many windows of 128):
   dense;
-  magnitude / random / wanda / llm_pruner, one shot (prune.py), without recovery;
-  the same, each followed by the same LoRA recovery budget (train.py config/structured_recover.py: --steps
-  optimizer steps, r=8, on --data);
-  loraprune: iterative pruning during LoRA fine-tuning of the same --steps on the same data (train.py
-  config/loraprune.py).
+  magnitude / random / wanda / llm_pruner, one shot (prune.py, calibration: --calib_tokens of pydocs), without
+  recovery, and each followed by the same LoRA recovery budget (train.py config/structured_recover.py: --steps
+  optimizer steps of --batch_size x --block_size tokens, r=8, on --data);
+  loraprune: iterative pruning during a LoRA fine-tune of the same steps on the same data (config/loraprune.py);
+  lorashear: experiments/lorashear.py --eval writes its rows with the same evaluation (evaluate() below).
 Sparsity = the fraction of ALL parameters removed (embeddings included, LoRA excluded); the achieved fraction
-of every row is in its pruning.json / printed by prune.py. Every step is skipped when its output exists, so a
-stopped run resumes. Results: results/structured/<row>.json and a markdown table at the end.
+of every row is in the table. Every step is skipped when its output exists (the zero-shot log-likelihoods are
+kept as they are computed, eval.py --use_cache), so a stopped run resumes. Results: results/structured/<row>.json
+(eval.py's numbers + parameters, per-layer widths, training tokens), table.json and a markdown table at the end.
 
 ranking: for a sample of groups (query heads; blocks of MLP channels, one layer each), the Spearman rank
 correlation between each criterion's group score and the actual increase of the held-out loss (data/pydocs
@@ -23,6 +28,7 @@ val windows) when that one group alone is masked. Results: results/structured/ra
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -40,19 +46,18 @@ from model import Transformer  # noqa: E402
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 OUT, RESULTS = ROOT / "out" / "structured", ROOT / "results" / "structured"
 ONE_SHOT = ("magnitude", "random", "wanda", "llm_pruner")
+TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+REPORTED = {"boolq": "acc", "piqa": "acc", "winogrande": "acc"}  # acc_norm for the others, as the seeds report
+LIMIT, PPL_PAGES = 100, 5  # the CPU evaluation: zero-shot rows per task, WikiText-2 pages (the GPU: --limit 0)
 
 
 # ----------------------------------------------------------------------------- the table
-def train_cmd(config, model_dir, out_dir, steps, data, extra=()):
+def train_cmd(config, model_dir, out_dir, args, extra=()):
     """train.py LoRA-fine-tunes model_dir and writes the merged (for loraprune: also compacted) model to
     out_dir/merged, an ordinary model folder."""
     return [sys.executable, "train.py", f"config/{config}.py", f"--model_dir={model_dir}", f"--out_dir={out_dir}",
-            f"--max_iters={steps}", f"--dataset={data}", *extra]
-
-
-def eval_cmd(model_dir, output, limit):
-    return [sys.executable, "eval.py", "--model", str(model_dir), "--tasks", "wikitext2,zeroshot",
-            "--limit", str(limit), "--output", str(output)]
+            f"--max_iters={args.steps}", f"--batch_size={args.batch_size}", f"--block_size={args.block_size}",
+            f"--dataset={args.data}", *extra]
 
 
 def run(cmd, done, dry_run):
@@ -67,41 +72,119 @@ def run(cmd, done, dry_run):
         print(f"[done] {time.time() - t0:.0f}s", flush=True)
 
 
+def model_facts(model_dir):
+    """Parameters and per-layer widths (query heads, key/value heads, MLP channels) of a model folder."""
+    model = Transformer.from_pretrained(model_dir)
+    layers = model.model.layers
+    return dict(params=prune.count_params(model), heads=[b.self_attn.n_head for b in layers],
+                kv_heads=[b.self_attn.n_kv_head for b in layers], widths=[b.mlp.down_proj.in_features for b in layers])
+
+
+def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, train_tokens=0, dry_run=False):
+    """eval.py on one row of the table, into results/structured/<name>.json: the seven zero-shot tasks (first
+    `limit` rows of each; 0 = all) and WikiText-2 (first `ppl_pages` pages; 0 = all), with the model's facts."""
+    result = RESULTS / f"{name}.json"
+    limits = {"zeroshot": limit, "wikitext2": ppl_pages}
+    parts = {task: OUT / "eval" / f"{name}-{task}.json" for task in limits}
+    for task, part in parts.items():  # the zero-shot log-likelihoods go to a cache as they come: a rerun resumes
+        cmd = [sys.executable, "eval.py", "--model", model_dir, "--tasks", task, "--output", part,
+               *(["--limit", limits[task]] if limits[task] else []),
+               *(["--use_cache", OUT / "eval" / f"{name}-cache"] if task == "zeroshot" else [])]
+        run(cmd, result, dry_run)
+    if dry_run or result.exists():
+        return
+    zeroshot, wikitext2 = (json.loads(parts[t].read_text()) for t in ("zeroshot", "wikitext2"))
+    out = dict(zeroshot, limit=limits, train_tokens=train_tokens, **model_facts(model_dir))
+    out["tasks"]["wikitext2"] = wikitext2["tasks"]["wikitext2"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(out, indent=1) + "\n")
+
+
 def table(args):
-    rows = [("dense", MODEL)]
-    run(eval_cmd(MODEL, RESULTS / "dense.json", args.limit), RESULTS / "dense.json", args.dry_run)
+    tokens = args.steps * args.batch_size * args.block_size
+    evaluate(args.model, "dense", args.limit, args.ppl_pages, dry_run=args.dry_run)
     for sp in args.sparsities:
         for method in ONE_SHOT:
             name = f"{method}-{sp:g}"
-            run([sys.executable, "prune.py", "--model", MODEL, "--method", method, "--sparsity", sp,
+            run([sys.executable, "prune.py", "--model", args.model, "--method", method, "--sparsity", sp,
                  "--calib", "pydocs", "--calib_tokens", args.calib_tokens, "--out", OUT / name], OUT / name, args.dry_run)
-            run(train_cmd("structured_recover", OUT / name, OUT / f"{name}-lora", args.steps, args.data),
+            evaluate(OUT / name, name, args.limit, args.ppl_pages, dry_run=args.dry_run)
+            run(train_cmd("structured_recover", OUT / name, OUT / f"{name}-lora", args),
                 OUT / f"{name}-lora" / "merged", args.dry_run)
-            rows += [(name, OUT / name), (f"{name}-lora", OUT / f"{name}-lora" / "merged")]
+            evaluate(OUT / f"{name}-lora" / "merged", f"{name}-lora", args.limit, args.ppl_pages, tokens, args.dry_run)
         name = f"loraprune-{sp:g}"
-        run(train_cmd("loraprune", MODEL, OUT / name, args.steps, args.data, [f"--struct_sparsity={sp}"]),
+        run(train_cmd("loraprune", args.model, OUT / name, args, [f"--struct_sparsity={sp}",
+                                                                   f"--struct_every={args.struct_every}"]),
             OUT / name / "merged", args.dry_run)
-        rows.append((name, OUT / name / "merged"))
-    for name, model_dir in rows[1:]:
-        run(eval_cmd(model_dir, RESULTS / f"{name}.json", args.limit), RESULTS / f"{name}.json", args.dry_run)
+        evaluate(OUT / name / "merged", name, args.limit, args.ppl_pages, tokens, args.dry_run)
     if not args.dry_run:
-        print_table(rows, args.limit)
+        report(args)
 
 
-def print_table(rows, limit):
-    tasks = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-    metric = {"boolq": "acc", "piqa": "acc", "winogrande": "acc"}
-    print(f"\nSmolLM2-135M-Instruct, first {limit} rows of each task (acc or acc_norm as the seeds report), "
-          f"WikiText-2 word perplexity (lm-eval, first {limit} pages); removed = fraction of all parameters\n")
-    print("| row | removed | wikitext2 ppl | " + " | ".join(tasks) + " | average |")
-    print("|---" * (len(tasks) + 4) + "|")
-    dense = prune.count_params(Transformer.from_pretrained(MODEL))
-    for name, model_dir in rows:
-        res = json.loads((RESULTS / f"{name}.json").read_text())
-        removed = 1 - prune.count_params(Transformer.from_pretrained(model_dir)) / dense
-        accs = [100 * res["tasks"][t][metric.get(t, "acc_norm")] for t in tasks]
-        print(f"| {name} | {removed:.1%} | {res['tasks']['wikitext2']['word_perplexity']:.2f} | "
-              + " | ".join(f"{a:.1f}" for a in accs) + f" | {sum(accs) / len(accs):.2f} |")
+def row_order(sparsities):
+    names = ["dense"]
+    for sp in sparsities:
+        names += [f"{m}-{sp:g}" for m in ONE_SHOT] + [f"{m}-{sp:g}-lora" for m in ONE_SHOT]
+        names += [f"loraprune-{sp:g}", f"lorashear-{sp:g}"]
+    return names
+
+
+def report(args):
+    """The markdown table of every row evaluated so far; results/structured/table.json."""
+    rows = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in row_order(args.sparsities)
+            if (RESULTS / f"{n}.json").exists()}
+    if "dense" not in rows:
+        raise SystemExit(f"no {RESULTS / 'dense.json'} yet: run `python experiments/structured.py table` first")
+    dense, limits = rows["dense"]["params"], rows["dense"]["limit"]
+    print(f"\nSmolLM2-135M-Instruct; zero-shot: first {limits['zeroshot'] or 'all'} rows of each task (acc_norm, "
+          f"acc for boolq/piqa/winogrande), WikiText-2 word perplexity over the first {limits['wikitext2'] or 'all'} "
+          f"pages; removed = fraction of all parameters; tokens = LoRA training tokens\n")
+    print("| row | removed | tokens | wikitext2 ppl | " + " | ".join(TASKS) + " | average |")
+    print("|---" * (len(TASKS) + 5) + "|")
+    summary = {}
+    for name, res in rows.items():
+        if res["limit"] != limits:
+            print(f"(skipped {name}: evaluated with {res['limit']}, not {limits})")
+            continue
+        accs = [100 * res["tasks"][t][REPORTED.get(t, "acc_norm")] for t in TASKS]
+        summary[name] = dict(removed=1 - res["params"] / dense, train_tokens=res["train_tokens"],
+                             word_perplexity=res["tasks"]["wikitext2"]["word_perplexity"], accuracy=dict(zip(TASKS, accs)),
+                             average=statistics.mean(accs), heads=res["heads"], widths=res["widths"])
+        s = summary[name]
+        print(f"| {name} | {s['removed']:.1%} | {s['train_tokens']:,} | {s['word_perplexity']:.2f} | "
+              + " | ".join(f"{a:.1f}" for a in accs) + f" | {s['average']:.2f} |")
+    (RESULTS / "table.json").write_text(json.dumps(dict(limit=limits, rows=summary), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- inference speed and memory
+@torch.inference_mode()
+def speed(args):
+    """Prefill (1 x --prompt tokens) and greedy decoding (--new tokens) of dense and every pruned model folder
+    (one per method and sparsity, before recovery: recovery does not change the shapes); weight memory."""
+    torch.set_num_threads(args.threads)
+    folders = {"dense": args.model} | {n: OUT / n for n in row_order(args.sparsities)[1:] if (OUT / n).is_dir()}
+    prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, folder in folders.items():
+        model = Transformer.from_pretrained(folder, dtype=torch.float32).eval()
+        times = {"prefill": [], "decode": []}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            model(prompt, last_only=True)
+            t1 = time.perf_counter()
+            model.generate(prompt[:, :8], args.new, stop_ids=())
+            times["prefill"].append(t1 - t0)
+            times["decode"].append(time.perf_counter() - t1)
+        out[name] = dict(params=prune.count_params(model),
+                         weight_mib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                         prefill_tok_s=args.prompt / statistics.median(times["prefill"]),
+                         decode_tok_s=args.new / statistics.median(times["decode"]))
+        o = out[name]
+        print(f"{name:>16}: {o['params'] / 1e6:6.1f}M parameters, {o['weight_mib']:6.0f} MiB float32, prefill "
+              f"{o['prefill_tok_s']:7.0f} tok/s, decode {o['decode_tok_s']:5.1f} tok/s", flush=True)
+    settings = dict(prompt=args.prompt, new=args.new, repeats=args.repeats, threads=args.threads, dtype="float32",
+                    device="cpu")
+    (RESULTS / "speed.json").write_text(json.dumps(dict(settings=settings, rows=out), indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- the ranking test
@@ -167,11 +250,15 @@ def ranking(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("table", "ranking"))
+    p.add_argument("what", choices=("table", "report", "speed", "ranking"))
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--sparsities", default="0.2,0.5")
-    p.add_argument("--limit", type=int, default=200, help="eval rows per task (pages for WikiText-2) on CPU")
+    p.add_argument("--limit", type=int, default=LIMIT, help="zero-shot rows per task (0: all, the GPU's table)")
+    p.add_argument("--ppl_pages", type=int, default=PPL_PAGES, help="WikiText-2 pages (0: all 62)")
     p.add_argument("--steps", type=int, default=200, help="LoRA recovery / LoRAPrune optimizer steps")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per step (recovery and LoRAPrune)")
+    p.add_argument("--block_size", type=int, default=256, help="tokens per sequence (recovery and LoRAPrune)")
+    p.add_argument("--struct_every", type=int, default=10, help="LoRAPrune: optimizer steps between pruning events")
     p.add_argument("--data", default="alpaca", help="recovery data (data/<name>); LLM-Pruner recovers on Alpaca")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--seq_len", type=int, default=256)
@@ -180,9 +267,13 @@ def main():
     p.add_argument("--block", type=int, default=32, help="MLP channels per block in the ranking test")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens of the ranking test")
     p.add_argument("--dry_run", action="store_true", help="print the commands of the table only")
+    p.add_argument("--prompt", type=int, default=256, help="speed: prefill tokens")
+    p.add_argument("--new", type=int, default=64, help="speed: generated tokens")
+    p.add_argument("--repeats", type=int, default=3, help="speed: timings per model (the median is reported)")
+    p.add_argument("--threads", type=int, default=2, help="speed: torch CPU threads")
     args = p.parse_args()
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
-    table(args) if args.what == "table" else ranking(args)
+    {"table": table, "report": report, "speed": speed, "ranking": ranking}[args.what](args)
 
 
 if __name__ == "__main__":
