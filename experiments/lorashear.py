@@ -16,7 +16,8 @@ LoRAShear (ALGORITHMS.md §3) end to end on a model folder, written as a compact
      batches in proportion to it (with a floor per source), trains, and the stage stops when the mean val loss has
      not improved for `patience` rounds (the best adapters are kept and merged).
 Only train and val splits are read, never an evaluation set (GSM8K's test split, WikiText-2, the zero-shot tasks).
-Outputs: out/lorashear/lorashear-<sparsity>/ (an ordinary model folder; pruning.json says how it was made) and
+Outputs (the name is lorashear_halfspace-<sparsity> for --variant halfspace):
+out/lorashear/lorashear-<sparsity>/ (an ordinary model folder; pruning.json says how it was made) and
 results/lorashear/lorashear-<sparsity>.json (the analysis, plan, losses along the way, tokens used per stage; the
 analysis alone also in lorashear-<sparsity>-kda.json); with
 --eval, eval.py's results go to results/structured/lorashear-<sparsity>.json beside the other rows of the table.
@@ -243,7 +244,7 @@ def run(cfg):
     # 3. dynamic knowledge recovery
     rounds = {stage: recover(model, cfg, stage, val[stage], dense[stage], used, ctx, log) for stage in STAGES}
 
-    name = f"lorashear-{cfg.sparsity:g}"
+    name = f"lorashear{'' if cfg.variant == 'ramp' else '_' + cfg.variant}-{cfg.sparsity:g}"  # ramp: the default
     out, results = Path(cfg.out) / name, Path(cfg.results) / f"{name}.json"
     tokens = {stage: sum(v["tokens"] for v in per.values()) for stage, per in used.items()}
     info = dict(method="lorashear", variant=cfg.variant, target_sparsity=cfg.sparsity, planned_sparsity=planned,

@@ -125,7 +125,7 @@ def row_order(sparsities):
     names = ["dense"]
     for sp in sparsities:
         names += [f"{m}-{sp:g}" for m in ONE_SHOT] + [f"{m}-{sp:g}-lora" for m in ONE_SHOT]
-        names += [f"loraprune-{sp:g}", f"lorashear-{sp:g}"]
+        names += [f"loraprune-{sp:g}", f"lorashear-{sp:g}", f"lorashear_halfspace-{sp:g}"]
     return names
 
 
