@@ -298,7 +298,8 @@ def perplexity(model, tok, docs, token_text, args):
     res = {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
            "bits_per_byte": -ll / nbytes / math.log(2), "rows": len(docs), "words": words, "max_length": L}
     # the token perplexity's text gets the tokenizer's own BOS (if it adds one), as LLM-Pruner's does
-    res |= token_perplexity(model, tok.encode(token_text), args.ppl_ctx, args.batch_size, args.limit)
+    windows = args.limit if args.ppl_windows is None else args.ppl_windows
+    res |= token_perplexity(model, tok.encode(token_text), args.ppl_ctx, args.batch_size, windows)
     return res | {"definition": f"word/byte: lm-eval rolling loglikelihood, max length {L}, BOS prefix; token: "
                                 f"LLM-Pruner, '\\n\\n'-joined text, non-overlapping {args.ppl_ctx}-token windows"}
 
@@ -450,6 +451,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max_length", type=int, help="rolling-window length (default: the model's max_seq_len)")
     p.add_argument("--ppl_ctx", type=int, default=128, help="window of the token perplexity (LLM-Pruner: 128)")
+    p.add_argument("--ppl_windows", type=int, help="token perplexity: its first N windows (default: --limit)")
     p.add_argument("--gsm8k_mode", default="fewshot", choices=["fewshot", "chat"],
                    help="fewshot: lm-eval's 5-shot gsm8k (parity); chat: zero-shot in the fine-tuning chat format")
     p.add_argument("--max_new_tokens", type=int, default=256)
@@ -464,7 +466,8 @@ def main():
     if unknown:
         p.error(f"unknown task(s) {unknown}; known: wikitext2, ptb, gsm8k, {', '.join(MC_TASKS)}, zeroshot")
     model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
-    out = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "limit": args.limit, "tasks": {}}
+    out = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "limit": args.limit,
+           "ppl_windows": args.ppl_windows, "tasks": {}}
     print(f"{'task':<14} {'metric':<18} {'value':>10} {'stderr':>8} {'rows':>6} {'seconds':>8}")
     for name in names:
         t0 = time.time()

@@ -262,10 +262,10 @@ def run(cfg):
     log(f"wrote {out} and {results}; tokens per stage {tokens}")
     train_tokens = sum(tokens[stage] for stage in tokens if stage != "kda")  # the analysis reads val batches only
     if cfg.eval:  # the table's evaluation, the same as every other row's
-        structured.evaluate(out, name, cfg.limit, cfg.ppl_pages, train_tokens)
+        structured.evaluate(out, name, cfg.limit, cfg.ppl_pages, cfg.ppl_windows, train_tokens)
     else:
         log(f"its row of the table: rerun with --eval, or structured.evaluate({str(out)!r}, {name!r}, "
-            f"{cfg.limit}, {cfg.ppl_pages}, {train_tokens})")
+            f"{cfg.limit}, {cfg.ppl_pages}, {cfg.ppl_windows}, {train_tokens})")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,7 +280,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true", help="run eval.py on the result (as experiments/structured.py does)")
     p.add_argument("--limit", type=int, default=structured.LIMIT, help="zero-shot rows per task (0: all)")
-    p.add_argument("--ppl_pages", type=int, default=structured.PPL_PAGES, help="WikiText-2 pages (0: all 62)")
+    p.add_argument("--ppl_pages", type=int, default=structured.PPL_PAGES, help="WikiText-2 pages, word perplexity")
+    p.add_argument("--ppl_windows", type=int, default=structured.PPL_WINDOWS, help="WikiText-2 windows, token ppl")
     for key, value in SCALES["cpu-small"].items():
         p.add_argument(f"--{key}", type=type(value), default=None, help="overrides the scale's value")
     cfg = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """
 Structured pruning of the base (ALGORITHMS.md §2, §5): the 20% / 50% table and the ranking test of the criteria.
 
-    python experiments/structured.py table   [--sparsities 0.2,0.5] [--limit 100] [--ppl_pages 5] [--steps 200] [--dry_run]
+    python experiments/structured.py table   [--sparsities 0.2,0.5] [--limit 100] [--ppl_pages 5] [--ppl_windows 100]
+                                             [--steps 200] [--dry_run]
     python experiments/structured.py report  # the table of the rows evaluated so far (results/structured); runs nothing
     python experiments/structured.py speed   # inference tokens/s and weight memory: dense against each pruned model
     python experiments/structured.py ranking [--heads 64] [--blocks 64] [--block 32] [--tokens 2048]
@@ -9,7 +10,7 @@ Structured pruning of the base (ALGORITHMS.md §2, §5): the 20% / 50% table and
 
 table: one row per model, each evaluated by eval.py on the seven zero-shot tasks (the first --limit rows of each)
 and on WikiText-2 (lm-eval's word perplexity over the first --ppl_pages pages; LLM-Pruner's token perplexity over
-as many windows of 128):
+the first --ppl_windows windows of 128 tokens); a limit of 0 means all rows (the GPU's table):
   dense;
   magnitude / random / wanda / llm_pruner, one shot (prune.py, calibration: --calib_tokens of pydocs), without
   recovery, and each followed by the same LoRA recovery budget (train.py config/structured_recover.py: --steps
@@ -48,7 +49,7 @@ OUT, RESULTS = ROOT / "out" / "structured", ROOT / "results" / "structured"
 ONE_SHOT = ("magnitude", "random", "wanda", "llm_pruner")
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 REPORTED = {"boolq": "acc", "piqa": "acc", "winogrande": "acc"}  # acc_norm for the others, as the seeds report
-LIMIT, PPL_PAGES = 100, 5  # the CPU evaluation: zero-shot rows per task, WikiText-2 pages (the GPU: --limit 0)
+LIMIT, PPL_PAGES, PPL_WINDOWS = 100, 5, 100  # CPU: zero-shot rows per task, WikiText-2 pages and 128-token windows
 
 
 # ----------------------------------------------------------------------------- the table
@@ -80,20 +81,27 @@ def model_facts(model_dir):
                 kv_heads=[b.self_attn.n_kv_head for b in layers], widths=[b.mlp.down_proj.in_features for b in layers])
 
 
-def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, train_tokens=0, dry_run=False):
+def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, ppl_windows=PPL_WINDOWS, train_tokens=0,
+             dry_run=False):
     """eval.py on one row of the table, into results/structured/<name>.json: the seven zero-shot tasks (first
-    `limit` rows of each; 0 = all) and WikiText-2 (first `ppl_pages` pages; 0 = all), with the model's facts."""
+    `limit` rows of each; 0 = all), WikiText-2's word perplexity (first `ppl_pages` pages; 0 = all) and token
+    perplexity (first `ppl_windows` windows of 128 tokens), with the model's facts."""
     result = RESULTS / f"{name}.json"
-    limits = {"zeroshot": limit, "wikitext2": ppl_pages}
-    parts = {task: OUT / "eval" / f"{name}-{task}.json" for task in limits}
-    for task, part in parts.items():  # the zero-shot log-likelihoods go to a cache as they come: a rerun resumes
-        cmd = [sys.executable, "eval.py", "--model", model_dir, "--tasks", task, "--output", part,
-               *(["--limit", limits[task]] if limits[task] else []),
-               *(["--use_cache", OUT / "eval" / f"{name}-cache"] if task == "zeroshot" else [])]
-        run(cmd, result, dry_run)
-    if dry_run or result.exists():
+    if result.exists():
+        print(f"[have] {result}")
+        return
+    options = {"zeroshot": {"--limit": limit, "--use_cache": OUT / "eval" / f"{name}-cache"},
+               "wikitext2": {"--limit": ppl_pages, "--ppl_windows": ppl_windows}}
+    parts = {}
+    for task, opts in options.items():  # the zero-shot log-likelihoods go to a cache as they come: a rerun resumes
+        parts[task] = OUT / "eval" / f"{name}-{task}.json"
+        flags = [x for flag, value in opts.items() if value for x in (flag, value)]  # a limit of 0: all rows
+        run([sys.executable, "eval.py", "--model", model_dir, "--tasks", task, "--output", parts[task], *flags],
+            result, dry_run)
+    if dry_run:
         return
     zeroshot, wikitext2 = (json.loads(parts[t].read_text()) for t in ("zeroshot", "wikitext2"))
+    limits = dict(zeroshot=limit, wikitext2_pages=ppl_pages, wikitext2_windows=ppl_windows)
     out = dict(zeroshot, limit=limits, train_tokens=train_tokens, **model_facts(model_dir))
     out["tasks"]["wikitext2"] = wikitext2["tasks"]["wikitext2"]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -102,21 +110,22 @@ def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, train_tokens=0, 
 
 def table(args):
     tokens = args.steps * args.batch_size * args.block_size
-    evaluate(args.model, "dense", args.limit, args.ppl_pages, dry_run=args.dry_run)
+    evaluate(args.model, "dense", args.limit, args.ppl_pages, args.ppl_windows, dry_run=args.dry_run)
     for sp in args.sparsities:
         for method in ONE_SHOT:
             name = f"{method}-{sp:g}"
             run([sys.executable, "prune.py", "--model", args.model, "--method", method, "--sparsity", sp,
                  "--calib", "pydocs", "--calib_tokens", args.calib_tokens, "--out", OUT / name], OUT / name, args.dry_run)
-            evaluate(OUT / name, name, args.limit, args.ppl_pages, dry_run=args.dry_run)
+            evaluate(OUT / name, name, args.limit, args.ppl_pages, args.ppl_windows, dry_run=args.dry_run)
             run(train_cmd("structured_recover", OUT / name, OUT / f"{name}-lora", args),
                 OUT / f"{name}-lora" / "merged", args.dry_run)
-            evaluate(OUT / f"{name}-lora" / "merged", f"{name}-lora", args.limit, args.ppl_pages, tokens, args.dry_run)
+            evaluate(OUT / f"{name}-lora" / "merged", f"{name}-lora", args.limit, args.ppl_pages, args.ppl_windows,
+                     tokens, args.dry_run)
         name = f"loraprune-{sp:g}"
         run(train_cmd("loraprune", args.model, OUT / name, args, [f"--struct_sparsity={sp}",
                                                                    f"--struct_every={args.struct_every}"]),
             OUT / name / "merged", args.dry_run)
-        evaluate(OUT / name / "merged", name, args.limit, args.ppl_pages, tokens, args.dry_run)
+        evaluate(OUT / name / "merged", name, args.limit, args.ppl_pages, args.ppl_windows, tokens, args.dry_run)
     if not args.dry_run:
         report(args)
 
@@ -137,10 +146,12 @@ def report(args):
         raise SystemExit(f"no {RESULTS / 'dense.json'} yet: run `python experiments/structured.py table` first")
     dense, limits = rows["dense"]["params"], rows["dense"]["limit"]
     print(f"\nSmolLM2-135M-Instruct; zero-shot: first {limits['zeroshot'] or 'all'} rows of each task (acc_norm, "
-          f"acc for boolq/piqa/winogrande), WikiText-2 word perplexity over the first {limits['wikitext2'] or 'all'} "
-          f"pages; removed = fraction of all parameters; tokens = LoRA training tokens\n")
-    print("| row | removed | tokens | wikitext2 ppl | " + " | ".join(TASKS) + " | average |")
-    print("|---" * (len(TASKS) + 5) + "|")
+          f"acc for boolq/piqa/winogrande); WikiText-2: token perplexity over the first "
+          f"{limits['wikitext2_windows'] or 'all'} windows of 128 tokens (LLM-Pruner's), word perplexity over the first "
+          f"{limits['wikitext2_pages'] or 'all'} pages (lm-eval's); removed = fraction of all parameters; tokens = "
+          f"LoRA training tokens\n")
+    print("| row | removed | tokens | wikitext2 ppl (128) | word ppl | " + " | ".join(TASKS) + " | average |")
+    print("|---" * (len(TASKS) + 6) + "|")
     summary = {}
     for name, res in rows.items():
         if res["limit"] != limits:
@@ -148,10 +159,12 @@ def report(args):
             continue
         accs = [100 * res["tasks"][t][REPORTED.get(t, "acc_norm")] for t in TASKS]
         summary[name] = dict(removed=1 - res["params"] / dense, train_tokens=res["train_tokens"],
+                             token_perplexity=res["tasks"]["wikitext2"]["token_perplexity"],
                              word_perplexity=res["tasks"]["wikitext2"]["word_perplexity"], accuracy=dict(zip(TASKS, accs)),
                              average=statistics.mean(accs), heads=res["heads"], widths=res["widths"])
         s = summary[name]
-        print(f"| {name} | {s['removed']:.1%} | {s['train_tokens']:,} | {s['word_perplexity']:.2f} | "
+        print(f"| {name} | {s['removed']:.1%} | {s['train_tokens']:,} | {s['token_perplexity']:.1f} | "
+              f"{s['word_perplexity']:.1f} | "
               + " | ".join(f"{a:.1f}" for a in accs) + f" | {s['average']:.2f} |")
     (RESULTS / "table.json").write_text(json.dumps(dict(limit=limits, rows=summary), indent=1) + "\n")
 
@@ -254,7 +267,8 @@ def main():
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--sparsities", default="0.2,0.5")
     p.add_argument("--limit", type=int, default=LIMIT, help="zero-shot rows per task (0: all, the GPU's table)")
-    p.add_argument("--ppl_pages", type=int, default=PPL_PAGES, help="WikiText-2 pages (0: all 62)")
+    p.add_argument("--ppl_pages", type=int, default=PPL_PAGES, help="WikiText-2 pages of the word perplexity (0: all 62)")
+    p.add_argument("--ppl_windows", type=int, default=PPL_WINDOWS, help="128-token windows of the token perplexity (0: all)")
     p.add_argument("--steps", type=int, default=200, help="LoRA recovery / LoRAPrune optimizer steps")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per step (recovery and LoRAPrune)")
     p.add_argument("--block_size", type=int, default=256, help="tokens per sequence (recovery and LoRAPrune)")
