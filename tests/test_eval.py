@@ -152,7 +152,7 @@ def test_rolling_loglikelihood_equals_a_direct_computation():
 def test_word_perplexity_arithmetic_on_a_uniform_model():
     model, tok = bigram_model(torch.zeros(32, 32)), CharTokenizer()  # every token costs log 32
     docs = [("ab cd", "ab cd"), ("efg", "e f g")]  # scored text vs the text whose words and bytes count
-    args = SimpleNamespace(max_length=4, ppl_ctx=3, batch_size=2, limit=None)
+    args = SimpleNamespace(max_length=4, ppl_ctx=3, batch_size=2, limit=None, ppl_windows=None)
     res = E.perplexity(model, tok, docs, "abcdefghij", args)
     ll = -(5 + 3) * math.log(32)
     assert res["word_perplexity"] == pytest.approx(math.exp(-ll / (2 + 3)), rel=1e-4)
@@ -160,6 +160,10 @@ def test_word_perplexity_arithmetic_on_a_uniform_model():
     assert res["bits_per_byte"] == pytest.approx(-ll / 10 / math.log(2), rel=1e-4)
     assert res["token_perplexity"] == pytest.approx(32.0, rel=1e-4)
     assert (res["windows"], res["tokens"]) == (3, 6)  # 10 tokens -> 3 windows of 3, 2 predicted each
+    args.limit, args.ppl_windows = 1, 2  # --ppl_windows counts the token perplexity's windows apart from --limit
+    assert E.perplexity(model, tok, docs, "abcdefghij", args)["windows"] == 2
+    args.ppl_windows = None  # without it, --limit counts them too
+    assert E.perplexity(model, tok, docs, "abcdefghij", args)["windows"] == 1
 
 
 def test_word_count_keeps_empty_ends_as_lm_eval():
