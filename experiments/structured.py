@@ -175,7 +175,11 @@ def speed(args):
     """Prefill (1 x --prompt tokens) and greedy decoding (--new tokens) of dense and every pruned model folder
     (one per method and sparsity, before recovery: recovery does not change the shapes); weight memory."""
     torch.set_num_threads(args.threads)
-    folders = {"dense": args.model} | {n: OUT / n for n in row_order(args.sparsities)[1:] if (OUT / n).is_dir()}
+    folders = {"dense": args.model}
+    for sp in args.sparsities:  # loraprune's shapes are the one-shot methods' (the same plan); lorashear's its own
+        folders |= {f"{m}-{sp:g}": OUT / f"{m}-{sp:g}" for m in ONE_SHOT}
+        folders[f"lorashear-{sp:g}"] = ROOT / "out" / "lorashear" / f"lorashear-{sp:g}"
+    folders = {name: folder for name, folder in folders.items() if (Path(folder) / "config.json").exists()}
     prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     out = {}
     for name, folder in folders.items():
