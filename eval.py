@@ -298,7 +298,7 @@ def perplexity(model, tok, docs, token_text, args):
     res = {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
            "bits_per_byte": -ll / nbytes / math.log(2), "rows": len(docs), "words": words, "max_length": L}
     # the token perplexity's text gets the tokenizer's own BOS (if it adds one), as LLM-Pruner's does
-    windows = args.limit if args.ppl_windows is None else args.ppl_windows
+    windows = args.limit if args.ppl_windows is None else args.ppl_windows or None  # --ppl_windows 0: all
     res |= token_perplexity(model, tok.encode(token_text), args.ppl_ctx, args.batch_size, windows)
     return res | {"definition": f"word/byte: lm-eval rolling loglikelihood, max length {L}, BOS prefix; token: "
                                 f"LLM-Pruner, '\\n\\n'-joined text, non-overlapping {args.ppl_ctx}-token windows"}
@@ -451,7 +451,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max_length", type=int, help="rolling-window length (default: the model's max_seq_len)")
     p.add_argument("--ppl_ctx", type=int, default=128, help="window of the token perplexity (LLM-Pruner: 128)")
-    p.add_argument("--ppl_windows", type=int, help="token perplexity: its first N windows (default: --limit)")
+    p.add_argument("--ppl_windows", type=int, help="token perplexity: its first N windows (default: --limit; 0: all)")
     p.add_argument("--gsm8k_mode", default="fewshot", choices=["fewshot", "chat"],
                    help="fewshot: lm-eval's 5-shot gsm8k (parity); chat: zero-shot in the fine-tuning chat format")
     p.add_argument("--max_new_tokens", type=int, default=256)

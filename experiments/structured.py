@@ -42,13 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
 from lora import apply_lora  # noqa: E402
+from eval import MC_TASKS as TASKS, REPORTED  # noqa: E402  (the seven tasks; acc or acc_norm, as the seeds report)
 from model import Transformer  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 OUT, RESULTS = ROOT / "out" / "structured", ROOT / "results" / "structured"
 ONE_SHOT = ("magnitude", "random", "wanda", "llm_pruner")
-TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-REPORTED = {"boolq": "acc", "piqa": "acc", "winogrande": "acc"}  # acc_norm for the others, as the seeds report
 LIMIT, PPL_PAGES, PPL_WINDOWS = 100, 5, 100  # CPU: zero-shot rows per task, WikiText-2 pages and 128-token windows
 
 
@@ -90,12 +89,12 @@ def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, ppl_windows=PPL_
     if result.exists():
         print(f"[have] {result}")
         return
-    options = {"zeroshot": {"--limit": limit, "--use_cache": OUT / "eval" / f"{name}-cache"},
+    options = {"zeroshot": {"--limit": limit, "--use_cache": OUT / "eval" / f"{name}-cache"},  # --limit 0: all rows
                "wikitext2": {"--limit": ppl_pages, "--ppl_windows": ppl_windows}}
     parts = {}
     for task, opts in options.items():  # the zero-shot log-likelihoods go to a cache as they come: a rerun resumes
         parts[task] = OUT / "eval" / f"{name}-{task}.json"
-        flags = [x for flag, value in opts.items() if value for x in (flag, value)]  # a limit of 0: all rows
+        flags = [x for flag, value in opts.items() if value or flag == "--ppl_windows" for x in (flag, value)]
         run([sys.executable, "eval.py", "--model", model_dir, "--tasks", task, "--output", parts[task], *flags],
             result, dry_run)
     if dry_run:
@@ -157,7 +156,7 @@ def report(args):
         if res["limit"] != limits:
             print(f"(skipped {name}: evaluated with {res['limit']}, not {limits})")
             continue
-        accs = [100 * res["tasks"][t][REPORTED.get(t, "acc_norm")] for t in TASKS]
+        accs = [100 * res["tasks"][t][REPORTED[t]] for t in TASKS]
         summary[name] = dict(removed=1 - res["params"] / dense, train_tokens=res["train_tokens"],
                              token_perplexity=res["tasks"]["wikitext2"]["token_perplexity"],
                              word_perplexity=res["tasks"]["wikitext2"]["word_perplexity"], accuracy=dict(zip(TASKS, accs)),

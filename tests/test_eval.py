@@ -162,6 +162,8 @@ def test_word_perplexity_arithmetic_on_a_uniform_model():
     assert (res["windows"], res["tokens"]) == (3, 6)  # 10 tokens -> 3 windows of 3, 2 predicted each
     args.limit, args.ppl_windows = 1, 2  # --ppl_windows counts the token perplexity's windows apart from --limit
     assert E.perplexity(model, tok, docs, "abcdefghij", args)["windows"] == 2
+    args.ppl_windows = 0  # 0: every window, whatever --limit says
+    assert E.perplexity(model, tok, docs, "abcdefghij", args)["windows"] == 3
     args.ppl_windows = None  # without it, --limit counts them too
     assert E.perplexity(model, tok, docs, "abcdefghij", args)["windows"] == 1
 
