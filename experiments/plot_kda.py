@@ -11,18 +11,15 @@ import argparse
 import json
 from pathlib import Path
 
+from plotting import pyplot, save
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", type=Path)
     p.add_argument("--out", type=Path, help="image file (default: the JSON's name with .png)")
     args = p.parse_args()
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plot_kda.py needs matplotlib: pip install matplotlib")
+    plt = pyplot(__file__)
     kda = json.loads(args.json.read_text())
     kda = kda.get("kda", kda)
     unprunable = {tuple(n) for n in kda["unprunable"]}
@@ -43,10 +40,7 @@ def main():
     ax.set_title(f"knowledge distribution (ratios {kda['ratios']}; * unprunable, gamma {kda['gamma']}); "
                  f"base loss {kda['base_loss']:.3f}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    out = args.out or args.json.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save(fig, args.out or args.json.with_suffix(".png"))
 
 
 if __name__ == "__main__":

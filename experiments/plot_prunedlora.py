@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from plotting import pyplot, save
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -86,22 +88,11 @@ def plot_ranks(plt, result, out):
     save(fig, out)
 
 
-def save(fig, out):
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=ROOT / "results" / "prunedlora", help="folder of <row>-s<seed>.json")
     args = p.parse_args()
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plot_prunedlora.py needs matplotlib: pip install matplotlib")
+    plt = pyplot(__file__)
     results = [json.loads(f.read_text()) for f in sorted(args.results.glob("*-s*.json"))]
     by_method = events_by_method(results)
     if not by_method:

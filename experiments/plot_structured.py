@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from plotting import pyplot, save
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,12 +22,7 @@ def main():
     p.add_argument("json", type=Path, nargs="?", default=ROOT / "results" / "structured" / "table.json")
     p.add_argument("--out", type=Path, help="image file (default: widths.png beside the JSON)")
     args = p.parse_args()
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plot_structured.py needs matplotlib: pip install matplotlib")
+    plt = pyplot(__file__)
     rows = json.loads(args.json.read_text())["rows"]
     dense = rows["dense"]
     shapes = {name: r for name, r in rows.items() if name != "dense" and not name.endswith("-lora")}
@@ -43,10 +40,7 @@ def main():
             ax.set_xlabel("layer")
             ax.set_ylim(bottom=0)
         ax_mlp.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    out = args.out or args.json.with_name("widths.png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, args.out or args.json.with_name("widths.png"), dpi=110)
 
 
 if __name__ == "__main__":
