@@ -29,8 +29,9 @@ Measuring
   in the loss or not). "cpu ms" (CPU only) is the process's CPU time per step, steadier than the wall clock on a
   shared machine. Memory (train and compact rows): each side once more in a fresh process. CUDA: peak
   max_memory_allocated, in all and its growth during the steps; CPU: peak resident set (VmHWM, reset after
-  setup), in all and its growth over the resident set after setup. MFU (CUDA): model FLOPs per step (step_flops)
-  / time / the GPU's peak (PEAK_TFLOPS, dense bf16 tensor cores, fp32 without TF32; or --peak_tflops).
+  setup), in all and its growth over the resident set after setup. MFU: model FLOPs per step (step_flops, the same
+  count for both sides) / time / the peak: CUDA, the GPU's (PEAK_TFLOPS, dense bf16 tensor cores, fp32 without
+  TF32; or --peak_tflops); CPU, a 2048^3 matmul's FLOP/s measured here in the row's dtype and thread count.
   The default model's rows also print both sides' first loss: they must agree (same weights, B = 0).
 """
 import argparse
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--new_tokens", type=int, default=None, help="decode: N (CUDA: 128; CPU: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's peak for MFU, if not in PEAK_TFLOPS")
+    p.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: PEAK_TFLOPS; CPU: measured)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one side's memory, in a fresh process
     args = p.parse_args(argv)
@@ -269,12 +270,30 @@ def peak_flops(device, dtype, override):
     if override:
         return override * 1e12
     if not str(device).startswith("cuda"):
-        return None
+        return matmul_peak(dtype)
     name = torch.cuda.get_device_name(device)
     for fragment, (bf16, fp32) in PEAK_TFLOPS.items():
         if fragment in name:
             return (bf16 if dtype == torch.bfloat16 else fp32) * 1e12
     return None
+
+
+_MATMUL_PEAK = {}
+
+
+def matmul_peak(dtype, n=2048, calls=5):
+    """CPU: FLOP/s of one large square matmul in `dtype` on this machine and thread count (the best of `calls`),
+    the ceiling a step made of the same MKL / oneDNN matmuls can approach: MFU on CPU is measured against it."""
+    if dtype not in _MATMUL_PEAK:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _MATMUL_PEAK[dtype] = 2 * n ** 3 / best
+    return _MATMUL_PEAK[dtype]
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -421,6 +440,8 @@ def main(argv=None):
     if env["transformers"] is None or env["peft"] is None:
         sides = [s for s in sides if not s.startswith("theirs")]
     log = lambda s: print(s, flush=True)
+    if not args.device.startswith("cuda") and not args.peak_tflops:  # MFU's denominator on CPU
+        env["matmul_peak_gflops"] = {d: round(matmul_peak(DTYPES[d]) / 1e9, 1) for d in args.dtype.split(",")}
     log(" | ".join(f"{k} {v}" for k, v in env.items()))
     if not args.device.startswith("cuda") and env["threads"] > 1 and env["loadavg"][0] > env["cores"]:
         log(f"warning: the machine is busy (load {env['loadavg'][0]:.1f} on {env['cores']} cores) and torch uses "

@@ -1,0 +1,47 @@
+"""bench.py measures what it says: both sides count the same loss positions, run the same computation, and the
+model FLOPs behind MFU equal torch's own count of the step's matmuls."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from conftest import tiny_model
+from lora import ALL_TARGETS, apply_lora
+
+
+@pytest.mark.parametrize("loss", ["masked", "all"])
+def test_batch_counts_the_same_positions_for_both_sides(loss):
+    x, y, labels, counted = bench.batch(97, 3, 16, loss, 0.5, "cpu")
+    ours = y[y != -1]                         # our targets sit at the position that predicts them
+    theirs = labels[:, 1:][labels[:, 1:] != -100]  # transformers shifts the labels itself
+    per_row = 7 if loss == "masked" else 15  # positions 8..14 or 0..14: the last one predicts nothing
+    assert torch.equal(ours, theirs) and counted == len(ours) == 3 * per_row
+
+
+def test_step_flops_equal_torch_flop_counter():
+    model = tiny_model()
+    apply_lora(model, ALL_TARGETS, r=4, alpha=8)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    B, T = 2, 16
+    x, y, _, counted = bench.batch(97, B, T, "masked", 0.5, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        model.train()(x, y)[1].backward()
+    cfg = model.config
+    # The counter sees no attention (CPU SDPA) and layer 0's q/k/v never get an input gradient (the embedding is
+    # frozen); step_flops counts both, as model FLOPs do.
+    attention = 12 * cfg.n_head * cfg.head_dim * T * cfg.n_layer * B * T
+    attn0 = model.model.layers[0].self_attn
+    qkv0 = sum(2 * B * T * (m.weight.numel() + m.r * m.in_features) for m in (attn0.q_proj, attn0.k_proj, attn0.v_proj))
+    assert bench.step_flops(model, B, T, counted) - attention - qkv0 == counter.get_total_flops()
+
+
+def test_ours_and_theirs_run_the_same_step(model_dir):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    x, y, labels, _ = bench.batch(49152, 1, 32, "masked", 0.5, "cpu")
+    losses = {}
+    for side in ("ours", "theirs"):  # LoRA's B starts at zero: both first losses are the base model's
+        step, _ = bench.training_step(side, "default", torch.float32, "cpu", model_dir, 8, x, y, labels, False)
+        losses[side] = step().item()
+    assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-4)
