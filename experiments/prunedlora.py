@@ -17,7 +17,7 @@ Rows:
   each baseline score 64->8: magnitude, taylor, adalora, random (score only, as published), activation_obs
   (SparseGPT-style, with its own OBS update), prunedlora_paper (the paper's formula and full update);
   ablations: no gradient term (obs), no recovery, magnitude + the same recovery, global allocation,
-  recovery on both factors, Newton step on, no trust region; (K1, K2) in {(10, 2), (1, 1), (50, 10)};
+  recovery on both factors, Newton step on, no trust region, neither (no trust region and both factors); (K1, K2) in {(10, 2), (1, 1), (50, 10)};
   r0 in {32, ..., 512} -> 8 with alpha = r0 (K2 scaled so every schedule has the same 28 events; for r0 > 192
   without k_proj / v_proj, which are 192 wide in the default model); alpha in
   {r0, 2 r0, 16} at r0 = 64. Pruning starts after the learning-rate warmup. Seeds: 1337 + seed for train.py.
@@ -82,6 +82,7 @@ def rows(scale):
         "abl_recovery_AB": prune(rank_recovery_side="AB"),
         "abl_newton_step": prune(rank_recovery_lr=1.0),
         "abl_no_trust_region": prune(rank_tau=0.0),
+        "abl_no_trust_region_AB": prune(rank_tau=0.0, rank_recovery_side="AB"),  # both safety settings off
         "abl_K1_1_K2_1": prune(rank_every=1, rank_k=1),
         "abl_K1_50_K2_10": prune(rank_every=K1(50), rank_k=10),
         "abl_alpha_128": prune(lora_alpha=128),
