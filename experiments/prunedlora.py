@@ -17,7 +17,8 @@ Rows:
   each baseline score 64->8: magnitude, taylor, adalora, random (score only, as published), activation_obs
   (SparseGPT-style, with its own OBS update), prunedlora_paper (the paper's formula and full update);
   ablations: no gradient term (obs), no recovery, magnitude + the same recovery, global allocation,
-  recovery on both factors, Newton step on, no trust region, neither (no trust region and both factors); (K1, K2) in {(10, 2), (1, 1), (50, 10)};
+  recovery on both factors, Newton step on, no trust region, neither (no trust region and both factors);
+  (K1, K2) in {(10, 2), (1, 1), (50, 10)};
   r0 in {32, ..., 512} -> 8 with alpha = r0 (K2 scaled so every schedule has the same 28 events; for r0 > 192
   without k_proj / v_proj, which are 192 wide in the default model); alpha in
   {r0, 2 r0, 16} at r0 = 64. Pruning starts after the learning-rate warmup. Seeds: 1337 + seed for train.py.
@@ -248,19 +249,24 @@ def main():
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(table)}")
-    if args.what == "report":  # every seed there is, in the table's row order
-        paths = [path for n in names for path in sorted(RESULTS.glob(f"{n}-s*.json"))]
-        if not paths:
-            p.error(f"no results of rows {names} in {RESULTS}: make them with `table`")
-        results = [json.loads(path.read_text()) for path in paths]
-    else:
+    if args.what == "table":
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
-        results = [run_row(n, *table[n], scale, seed, args) for n in names for seed in seeds]
-    if not args.dry_run:
-        summary = summarise(results)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "table.json").write_text(json.dumps(dict(scale="smoke" if args.smoke else args.scale, rows=summary), indent=1))
-        print_table(summary, scale["items"])
+        for n in names:
+            for seed in seeds:
+                run_row(n, *table[n], scale, seed, args)  # writes results/prunedlora/<row>-s<seed>.json
+    if args.dry_run:
+        return
+    results = saved_results(list(table))  # table.json sums up every row run so far, not only these
+    if not any(r["row"] in names for r in results):
+        p.error(f"no results of rows {names} in {RESULTS}: make them with `table`")
+    summary = summarise(results)
+    (RESULTS / "table.json").write_text(json.dumps(dict(scale="smoke" if args.smoke else args.scale, rows=summary), indent=1))
+    print_table({n: row for n, row in summary.items() if n in names}, scale["items"])
+
+
+def saved_results(names):
+    """Every seed's result JSON of the rows `names` there is, in that order."""
+    return [json.loads(path.read_text()) for n in names for path in sorted(RESULTS.glob(f"{n}-s*.json"))]
 
 
 if __name__ == "__main__":
