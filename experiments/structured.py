@@ -29,6 +29,7 @@ val windows) when that one group alone is masked. Results: results/structured/ra
 import argparse
 import copy
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -137,10 +138,19 @@ def row_order(sparsities):
     return names
 
 
+def saved_sparsities():
+    """The sparsities of every row evaluated so far (its result is <method>-<sparsity>[-lora].json)."""
+    found = (re.search(r"-(\d*\.?\d+)(-lora)?$", f.stem) for f in RESULTS.glob("*.json"))
+    return {float(m.group(1)) for m in found if m}
+
+
 def report(args):
-    """The markdown table of every row evaluated so far; results/structured/table.json."""
-    rows = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in row_order(args.sparsities)
+    """The markdown table of the rows of --sparsities evaluated so far; results/structured/table.json, of every
+    row evaluated so far (a run at one sparsity keeps the others' rows there)."""
+    every = sorted(set(args.sparsities) | saved_sparsities())
+    rows = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in row_order(every)
             if (RESULTS / f"{n}.json").exists()}
+    shown = set(row_order(args.sparsities))
     if "dense" not in rows:
         raise SystemExit(f"no {RESULTS / 'dense.json'} yet: run `python experiments/structured.py table` first")
     dense, limits = rows["dense"]["params"], rows["dense"]["limit"]
@@ -162,6 +172,8 @@ def report(args):
                              word_perplexity=res["tasks"]["wikitext2"]["word_perplexity"], accuracy=dict(zip(TASKS, accs)),
                              average=statistics.mean(accs), heads=res["heads"], widths=res["widths"])
         s = summary[name]
+        if name not in shown:
+            continue
         print(f"| {name} | {s['removed']:.1%} | {s['train_tokens']:,} | {s['token_perplexity']:.1f} | "
               f"{s['word_perplexity']:.1f} | "
               + " | ".join(f"{a:.1f}" for a in accs) + f" | {s['average']:.2f} |")
