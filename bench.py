@@ -2,7 +2,8 @@
 Speed and memory of this project against transformers + peft: a LoRA training step, prefill and decode, and a
 model compacted to half its width against the dense one.
 
-  python bench.py --device cpu --threads 1    # the default model, batch 1 and 4 x 256 tokens, fp32 and bf16
+  python bench.py --device cpu --threads 1    # the default model, batch 1 and 4 x 256 tokens, fp32 (and bf16
+                                              # where the CPU has AVX512-BF16; elsewhere torch emulates it, ~100x slower)
   python bench.py                             # CUDA: the 135M and Llama-3.2-1B shapes and the default model,
                                               # eager and compiled, r = 8 and 512, batch 8 x 1024, bf16
   python bench.py --device cpu --rows train --batch 2 --dtype bfloat16 --loss masked --json out/bench.json
@@ -13,6 +14,8 @@ Rows (one per combination of the comma-separated options)
            positions count (targets -1 / labels -100 before: instruction tuning); all: every position counts.
   compact  the same step, ours dense against ours with half of every layer's query heads and MLP channels
            removed by prune.compact (transformers has no per-layer widths, so there is no "theirs").
+  rankprune  ours alone: PrunedLoRA's cost at its start rank (--rank0), the step against accumulate_fisher after
+           its backward and a pruning event (rank_prune_step) every --k1 steps: the share they add to training.
   prefill  one forward over --seq tokens filling the KV cache, logits of the last position only (no LoRA).
   decode   greedy generation from a --prompt token prompt, batch 1 (no LoRA): ms per token =
            (time for 1 + N new tokens - time for 1 new token) / N, N = --new_tokens.
@@ -35,6 +38,7 @@ Measuring
   The default model's rows also print both sides' first loss: they must agree (same weights, B = 0).
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -52,6 +56,7 @@ import torch
 
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
+from prune import accumulate_fisher, rank_prune_state, rank_prune_step
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -71,13 +76,15 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--rows", default="train,compact,prefill,decode")
+    p.add_argument("--rows", default="train,compact,rankprune,prefill,decode")
     p.add_argument("--shapes", default=None, help="of default, 135m, 1b (CUDA: 135m,1b,default; CPU: default)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the folder of the 'default' shape")
     p.add_argument("--dtype", default=None, help="CUDA: bfloat16; CPU: float32,bfloat16")
     p.add_argument("--batch", default=None, help="CUDA: 8; CPU: 1,4")
     p.add_argument("--seq", type=int, default=None, help="tokens per row (CUDA: 1024; CPU: 256)")
     p.add_argument("--rank", default=None, help="LoRA ranks (CUDA: 8,512; CPU: 8)")
+    p.add_argument("--rank0", default=None, help="rankprune rows: PrunedLoRA's start ranks (CUDA: 64,512; CPU: 64)")
+    p.add_argument("--k1", type=int, default=10, help="rankprune rows: optimizer steps per pruning event")
     p.add_argument("--loss", default=None, help="masked (instruction tuning) and/or all (CUDA: masked; CPU: both)")
     p.add_argument("--answer", type=float, default=0.5, help="masked loss: fraction of positions that count")
     p.add_argument("--mode", default=None, help="eager and/or compile (torch.compile) (CUDA: both; CPU: eager)")
@@ -94,8 +101,10 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one side's memory, in a fresh process
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    defaults = dict(shapes="135m,1b,default" if gpu else "default", dtype="bfloat16" if gpu else "float32,bfloat16",
+    cpu_dtypes = "float32,bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"  # bf16 is emulated there
+    defaults = dict(shapes="135m,1b,default" if gpu else "default", dtype="bfloat16" if gpu else cpu_dtypes,
                     batch="8" if gpu else "1,4", seq=1024 if gpu else 256, rank="8,512" if gpu else "8",
+                    rank0="64,512" if gpu else "64",
                     loss="masked" if gpu else "masked,all",
                     mode="eager,compile" if gpu else "eager", steps=5 if gpu else 1, repeats=5 if gpu else 3,
                     warmup=3 if gpu else 1, new_tokens=128 if gpu else 16)
@@ -160,7 +169,7 @@ def batch(vocab, B, T, loss, answer, device, seed=0):
 
 
 def training_step(side, shape, dtype, device, model_dir, r, x, y, labels, compile_, compact=False):
-    """A function running one LoRA training step of `side`, and the model."""
+    """A function running one LoRA training step of `side`, the model and its optimizer."""
     if side == "ours":
         model = build_ours(shape, dtype, device, model_dir)
         apply_lora(model, ALL_TARGETS, r=r, alpha=2 * r)
@@ -189,7 +198,7 @@ def training_step(side, shape, dtype, device, model_dir, r, x, y, labels, compil
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, model
+    return step, model, opt
 
 
 def step_flops(model, B, T, counted):
@@ -238,7 +247,7 @@ def child_memory(spec):
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
     x, y, labels, _ = batch(spec["vocab"], spec["B"], spec["T"], spec["loss"], spec["answer"], device)
-    step, _ = training_step(spec["side"], spec["shape"], DTYPES[spec["dtype"]], device, spec["model_dir"],
+    step, _, _ = training_step(spec["side"], spec["shape"], DTYPES[spec["dtype"]], device, spec["model_dir"],
                             spec["r"], x, y, labels, spec["compile"], spec["compact"])
     if device.startswith("cuda"):
         sync(device)
@@ -297,28 +306,22 @@ def matmul_peak(dtype, n=2048, calls=5):
 
 
 # ----------------------------------------------------------------------------- the rows
-def train_rows(args, sides, log):
-    rows = []
+def train_rows(args, sides, log, record):
+    kinds = [kind for kind in ("train", "compact", "rankprune") if kind in args.rows.split(",")]
     for shape in args.shapes.split(","):
         hf = hf_config(shape, args.model)
-        for dtype_name in args.dtype.split(","):
-            dtype = DTYPES[dtype_name]
-            for B in map(int, args.batch.split(",")):
-                for r in map(int, args.rank.split(",")):
-                    widest = min(hf["num_key_value_heads"] * hf.get("head_dim", 64), hf["hidden_size"])
-                    if r > widest:
-                        log(f"skip {shape} r={r}: above k_proj's {widest} outputs (ours refuses r > min(in, out))")
-                        continue
-                    for loss in args.loss.split(","):
-                        for mode in args.mode.split(","):
-                            for kind in ("train", "compact"):
-                                if kind in args.rows.split(","):
-                                    rows.append(train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss,
-                                                          mode, hf["vocab_size"], log))
-    return rows
+        widest = min(hf["num_key_value_heads"] * hf.get("head_dim", 64), hf["hidden_size"])
+        for dtype_name, B, kind in itertools.product(args.dtype.split(","), map(int, args.batch.split(",")), kinds):
+            for r in map(int, (args.rank0 if kind == "rankprune" else args.rank).split(",")):
+                if r > widest:
+                    log(f"skip {shape} r={r}: above k_proj's {widest} outputs (ours refuses r > min(in, out))")
+                    continue
+                for loss, mode in itertools.product(args.loss.split(","), args.mode.split(",")):
+                    how = (args, shape, dtype_name, DTYPES[dtype_name], B, r, loss, mode, hf["vocab_size"])
+                    record(rank_pruning_row(*how) if kind == "rankprune" else train_row(*how, kind, sides, log))
 
 
-def train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss, mode, vocab, log):
+def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sides, log):
     T, device = args.seq, args.device
     x, y, labels, counted = batch(vocab, B, T, loss, args.answer, device)
     if kind == "compact":
@@ -327,8 +330,8 @@ def train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss, mode, voc
         names = {s: (s, False) for s in sides if s != "theirs-autocast" or dtype == torch.bfloat16}
     fns, models = {}, {}
     for name, (side, compact) in names.items():
-        fns[name], models[name] = training_step(side, shape, dtype, device, args.model, r, x, y, labels,
-                                                mode == "compile", compact)
+        fns[name], models[name], _ = training_step(side, shape, dtype, device, args.model, r, x, y, labels,
+                                                   mode == "compile", compact)
     if shape == "default" and kind == "train":
         log("first losses: " + ", ".join(f"{name} {fn().item():.5f}" for name, fn in fns.items()))
     warmup = args.warmup + (2 if mode == "compile" else 0)
@@ -346,12 +349,47 @@ def train_row(args, kind, sides, shape, dtype_name, dtype, B, r, loss, mode, voc
                                           answer=args.answer, vocab=vocab, compile=mode == "compile",
                                           threads=args.threads))
         row["sides"][name] = entry
-    log(format_row(row))
     return row
 
 
-def inference_rows(args, sides, log):
-    rows, device = [], args.device
+def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
+    """PrunedLoRA's own cost on top of the training step, at its start rank r0 (the most it costs): the
+    statistics taken after every backward (accumulate_fisher: two r0 x r0 Gram matrices per adapter) and, every
+    K1 steps, a pruning event (rank_prune_step: scores, choice, recovery update, masks; K2 = 2 components of
+    every adapter). Overhead = (fisher + event / K1) / step, the time it adds to training."""
+    x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
+    step, model, opt = training_step("ours", shape, dtype, args.device, args.model, r0, x, y, labels,
+                                     mode == "compile")
+    step()  # AdamW's state, then one more backward for gradients to take statistics of (the step clears .grad)
+    model(x, y)[1].backward()
+    grads = [(p, p.grad) for p in lora_parameters(model)]
+    state, cfg = rank_prune_state(), dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
+    steps, events = itertools.count(args.k1, args.k1), []
+
+    def fisher():
+        for p, g in grads:
+            p.grad = g
+        accumulate_fisher(model, state)
+
+    def event():  # the statistics of one step, then an event (its first K1 - 1 steps' statistics are cheap sums)
+        fisher()
+        events.append(rank_prune_step(model, opt, next(steps), cfg, state) is not None)
+
+    fns = dict(step=step, fisher=fisher, event=event)
+    times = timed(fns, args.steps, args.repeats, args.warmup, args.device)
+    if not all(events):
+        raise RuntimeError(f"rank pruning row: only {sum(events)} of {len(events)} calls were events (r0 {r0} too low)")
+    (step_ms, _), (fisher_ms, _), (event_ms, _) = times["step"], times["fisher"], times["event"]
+    sides = {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * args.seq / wall * 1000 if name == "step" else None)
+             for name, (wall, cpu) in times.items()}
+    ranks = [int(m.rank_mask.sum()) for m in lora_modules(model).values()]
+    return dict(kind="rankprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r0, loss=loss, mode=mode,
+                k1=args.k1, overhead=(fisher_ms + (event_ms - fisher_ms) / args.k1) / step_ms, sides=sides,
+                events=len(events), ranks_after=sorted(set(ranks)))
+
+
+def inference_rows(args, sides, record):
+    device = args.device
     for shape in args.shapes.split(","):
         vocab = hf_config(shape, args.model)["vocab_size"]
         for dtype_name in args.dtype.split(","):
@@ -380,8 +418,7 @@ def inference_rows(args, sides, log):
                     times = timed({n: prefill(n) for n in models}, args.steps, args.repeats, args.warmup, device)
                     row = dict(kind="prefill", shape=shape, dtype=dtype_name, B=1, T=args.seq, sides={
                         n: dict(ms=w, cpu_ms=c, tokens_per_s=args.seq / w * 1000) for n, (w, c) in times.items()})
-                    rows.append(row)
-                    log(format_row(row))
+                    record(row)
                 if "decode" in args.rows.split(","):
                     fns = {f"{n} {k}": generate(n, k) for n in models for k in (1, 1 + args.new_tokens)}
                     times = timed(fns, 1, args.repeats, 1, device)
@@ -389,16 +426,16 @@ def inference_rows(args, sides, log):
                     per_token = {n: [(times[f"{n} {1 + N}"][i] - times[f"{n} 1"][i]) / N for i in (0, 1)] for n in models}
                     row = dict(kind="decode", shape=shape, dtype=dtype_name, B=1, T=args.prompt, sides={
                         n: dict(ms=w, cpu_ms=c, tokens_per_s=1000 / w) for n, (w, c) in per_token.items()})
-                    rows.append(row)
-                    log(format_row(row))
+                    record(row)
             models.clear()  # free them before the next dtype's
-    return rows
 
 
 def format_row(row):
     what = {"train": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}",
             "compact": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}",
-            "prefill": "", "decode": "per new token"}[row["kind"]]
+            "prefill": "", "decode": "per new token",
+            "rankprune": f"r0={row.get('r')} loss={row.get('loss')} {row.get('mode')}, K1={row.get('k1')}: "
+                         f"PrunedLoRA adds {100 * row.get('overhead', 0):.1f}% to training"}[row["kind"]]
     lines = [f"\n{row['kind']} | {row['shape']} {row['dtype']} B={row['B']} T={row['T']} {what}"]
     ref = row["sides"].get("ours")
     for name, e in row["sides"].items():
@@ -408,7 +445,8 @@ def format_row(row):
         speed = "" if not ref or name == "ours" else f"x{ref['ms'] / e['ms']:.2f} dense" if name == "ours-compact" \
             else f"ours x{e['ms'] / ref['ms']:.2f}"
         mfu = f"MFU {100 * e['mfu']:.1f}%" if e.get("mfu") else ""
-        lines.append(f"  {name:16s} {e['ms']:9.1f} ms  {e['tokens_per_s']:9.1f} tok/s  cpu {e['cpu_ms']:9.1f} ms  "
+        tokens = f"{e['tokens_per_s']:9.1f} tok/s" if e.get("tokens_per_s") else ""
+        lines.append(f"  {name:16s} {e['ms']:9.1f} ms  {tokens:15s}  cpu {e['cpu_ms']:9.1f} ms  "
                      f"{speed:14s} {mfu:10s} {mem}")
     return "\n".join(lines)
 
@@ -417,7 +455,8 @@ def environment(args):
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
     env = dict(date=str(date.today()), command="python " + " ".join(sys.argv), torch=torch.__version__,
                threads=torch.get_num_threads(), cpu=cpu.group(1) if cpu else platform.processor(),
-               cores=os.cpu_count(), loadavg=os.getloadavg())
+               cores=os.cpu_count(), loadavg=os.getloadavg(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+               cpu_fast_bf16=torch.cpu._is_avx512_bf16_supported())
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(args.device)
     for lib in ("transformers", "peft"):
@@ -448,12 +487,22 @@ def main(argv=None):
             f"{env['threads']} threads, which then wait on each other (steps 10x slower seen): try --threads 1")
     if env["transformers"] is None or env["peft"] is None:
         log("transformers + peft are not installed: ours only")
-    rows = train_rows(args, sides, log) + inference_rows(args, sides, log)
-    env["loadavg_end"] = os.getloadavg()
-    log(f"\nload average at the end {env['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    if not args.device.startswith("cuda") and "bfloat16" in args.dtype and not env["cpu_fast_bf16"]:
+        log(f"warning: this CPU has no AVX512-BF16 (torch's kernels: {env['cpu_capability']}): bf16 matmuls are "
+            f"emulated, about 100x slower than fp32 (train.py's dtype='auto' takes float32 here)")
+    rows = []
+
+    def record(row):  # the JSON is rewritten after every row: a run cut short keeps the rows it has
+        rows.append(row)
+        log(format_row(row))
+        env["loadavg_end"] = os.getloadavg()
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+
+    train_rows(args, sides, log, record)
+    inference_rows(args, sides, record)
+    log(f"\nload average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -92,10 +92,14 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
         gB, gA = m.lora_B.grad.float(), m.lora_A.grad.float()
         prev = state["last_grad"].get(name)
         dB, dA = (gB, gA) if micro_step == 0 or prev is None else (gB - prev[0], gA - prev[1])
-        dB, dA = dB * loss_scale, dA * loss_scale  # the gradient of this micro-batch's mean loss
+        if loss_scale != 1:
+            dB, dA = dB * loss_scale, dA * loss_scale  # the gradient of this micro-batch's mean loss
         state["last_grad"][name] = (gB.clone(), gA.clone())  # in the end the step's gradient (paper, taylor, adalora)
         for key, value in (("grad_B", dB), ("grad_A", dA), ("fisher_B", dB.T @ dB), ("fisher_A", dA @ dA.T)):
-            state[key][name] = state[key][name] + value if name in state[key] else value.clone()
+            if name in state[key]:
+                state[key][name].add_(value)
+            else:
+                state[key][name] = value.clone()
     state["n_micro"] += 1
     state["batch_size"] = batch_size
 
@@ -143,7 +147,17 @@ def damped(H, frac):
 
 def curvature(m, name, S, method, state, side="B", damp=0.01):
     """(W, G, H) of one factor over the active components S: W (rows, |S|) the rows of B (side B) or the
-    columns of A (side A), G its gradient, H (|S|, |S|) the damped curvature `method` uses."""
+    columns of A (side A), G its gradient, H (|S|, |S|) the damped curvature `method` uses. Inside a pruning
+    event (state["event_cache"] set) each is computed once: the prediction, the scores and the recovery share it."""
+    cache, key = state.get("event_cache"), (name, method, side, damp)
+    if cache is None:
+        return factor_curvature(m, name, S, method, state, side, damp)
+    if key not in cache:
+        cache[key] = factor_curvature(m, name, S, method, state, side, damp)
+    return cache[key]
+
+
+def factor_curvature(m, name, S, method, state, side, damp):
     W = (m.lora_B[:, S] if side == "B" else m.lora_A[S].T).float()
     if method == "prunedlora_paper":  # the step's own gradient, H = G^T G / n (PrunedLoRA)
         gB, gA = state["last_grad"][name]
@@ -229,11 +243,11 @@ def removal_values(W, G, H, eta=0.0, tau=0.0, recovery=True):
 def adapter_scores(m, name, method, state, recovery=True, recovery_lr=0.0, tau=0.1, damp=0.01):
     """The score of every active component of one adapter, (|S|,): low = prune first."""
     S = active_components(m)
-    B, A = m.lora_B[:, S].float(), m.lora_A[S].float()
+    B, A = (m.lora_B[:, S].float(), m.lora_A[S].float()) if method in ("magnitude", "taylor") else (None, None)
     if method == "magnitude":
         return B.norm(dim=0) * A.norm(dim=1)  # ||B[:, j]|| * ||A[j, :]||
     if method == "random":
-        return torch.rand(len(S), generator=state["generator"]).to(B.device)
+        return torch.rand(len(S), generator=state["generator"]).to(S.device)
     if method == "taylor":  # first-order Taylor (LLM-Pruner): |sum B[:, j] G_B[:, j]| + |sum A[j, :] G_A[j, :]|
         gB, gA = state["last_grad"][name]
         return (B * gB[:, S]).sum(0).abs() + (A * gA[S]).sum(1).abs()
@@ -409,6 +423,7 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         ranking = dict(adapter=name, **ranking_test(model, name, batch, state, c["method"], 16, c["recovery"], **knobs))
         state["ranked"] = True
     # the predicted change of every method: the Fisher's quadratic model (loss units) of the change of B
+    state["event_cache"] = {}  # from here to the masks, the adapters' active components and factors stay put
     record = {name: (S, *curvature(m, name, S, "prunedlora", state, "B", c["damp"]))
               for name, m in mods.items() for S in [active_components(m)]} if state["n_micro"] else None
 
@@ -425,6 +440,7 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
                    for name, (S, W, G, H) in record.items())
 
     predicted, actual = predicted_vs_actual(model, batch, event) if batch is not None else (event(), math.nan)
+    del state["event_cache"]
     reset_statistics(state)
     ranks = {name: int(m.rank_mask.sum()) for name, m in mods.items()}
     return dict(step=step, pruned=excess - sum(r - c["target"] for r in ranks.values()), predicted=predicted,

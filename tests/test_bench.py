@@ -42,6 +42,14 @@ def test_ours_and_theirs_run_the_same_step(model_dir):
     x, y, labels, _ = bench.batch(49152, 1, 32, "masked", 0.5, "cpu")
     losses = {}
     for side in ("ours", "theirs"):  # LoRA's B starts at zero: both first losses are the base model's
-        step, _ = bench.training_step(side, "default", torch.float32, "cpu", model_dir, 8, x, y, labels, False)
+        step, _, _ = bench.training_step(side, "default", torch.float32, "cpu", model_dir, 8, x, y, labels, False)
         losses[side] = step().item()
     assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-4)
+
+
+def test_rank_pruning_row_times_real_events(model_dir):
+    args = bench.parse_args(["--device", "cpu", "--model", str(model_dir), "--seq", "32", "--k1", "10",
+                             "--steps", "1", "--repeats", "2", "--warmup", "1"])
+    row = bench.rank_pruning_row(args, "default", "float32", torch.float32, 1, 16, "masked", "eager", 49152)
+    # every timed event call removed K2 = 2 components of every adapter: 3 calls, 16 -> 10
+    assert row["events"] == 3 and row["ranks_after"] == [10]
