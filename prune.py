@@ -85,21 +85,32 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
     loss_scale: what the loop divided the loss by (gradient accumulation steps); batch_size: sequences
     per micro-batch. Adds the micro-batch gradient G and G^T G (B: its rows are the samples), G G^T (A:
     its columns are) to the sums. Under DDP the last micro-batch's increment also holds the other
-    processes' gradients (averaged in its backward): an approximation; rank_prune_step averages the sums."""
+    processes' gradients (averaged in its backward): an approximation; rank_prune_step averages the sums.
+    Adapters of the same shapes (one projection in every layer) go together: one batched product and one
+    multi-tensor add per group, not a few small ops per adapter (on a GPU, each a kernel launch)."""
+    groups = {}
     for name, m in lora_modules(model).items():
-        if m.lora_B.grad is None or m.lora_A.grad is None:
-            continue
-        gB, gA = m.lora_B.grad.float(), m.lora_A.grad.float()
-        prev = state["last_grad"].get(name)
-        dB, dA = (gB, gA) if micro_step == 0 or prev is None else (gB - prev[0], gA - prev[1])
+        if m.lora_B.grad is not None and m.lora_A.grad is not None:
+            groups.setdefault((m.lora_B.shape, m.lora_A.shape), []).append((name, m))
+    for group in groups.values():
+        names = [name for name, _ in group]
+        gB = torch.stack([m.lora_B.grad for _, m in group]).float()  # (n, out, r), a copy
+        gA = torch.stack([m.lora_A.grad for _, m in group]).float()  # (n, r, in)
+        prev = [state["last_grad"].get(name) for name in names]
+        if micro_step == 0 or any(p is None for p in prev):
+            dB, dA = gB, gA
+        else:
+            dB, dA = gB - torch.stack([p[0] for p in prev]), gA - torch.stack([p[1] for p in prev])
         if loss_scale != 1:
             dB, dA = dB * loss_scale, dA * loss_scale  # the gradient of this micro-batch's mean loss
-        state["last_grad"][name] = (gB.clone(), gA.clone())  # in the end the step's gradient (paper, taylor, adalora)
-        for key, value in (("grad_B", dB), ("grad_A", dA), ("fisher_B", dB.T @ dB), ("fisher_A", dA @ dA.T)):
-            if name in state[key]:
-                state[key][name].add_(value)
+        for name, b, a in zip(names, gB, gA):  # in the end the step's gradient (paper, taylor, adalora)
+            state["last_grad"][name] = (b, a)
+        for key, value in (("grad_B", dB), ("grad_A", dA), ("fisher_B", dB.mT @ dB), ("fisher_A", dA @ dA.mT)):
+            sums = [state[key].get(name) for name in names]
+            if any(t is None for t in sums):
+                state[key].update((name, v.clone()) for name, v in zip(names, value))
             else:
-                state[key][name] = value.clone()
+                torch._foreach_add_(sums, list(value.unbind(0)))
     state["n_micro"] += 1
     state["batch_size"] = batch_size
 
