@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     p.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: PEAK_TFLOPS; CPU: measured)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, help="also write the results here (rewritten after every row)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one side's memory, in a fresh process
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -318,10 +318,10 @@ def train_rows(args, sides, log, record):
                     continue
                 for loss, mode in itertools.product(args.loss.split(","), args.mode.split(",")):
                     how = (args, shape, dtype_name, DTYPES[dtype_name], B, r, loss, mode, hf["vocab_size"])
-                    record(rank_pruning_row(*how) if kind == "rankprune" else train_row(*how, kind, sides, log))
+                    record(rank_pruning_row(*how) if kind == "rankprune" else train_row(*how, kind, sides, log, record))
 
 
-def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sides, log):
+def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sides, log, record):
     T, device = args.seq, args.device
     x, y, labels, counted = batch(vocab, B, T, loss, args.answer, device)
     if kind == "compact":
@@ -341,14 +341,15 @@ def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sid
     for name, (wall, cpu) in times.items():
         ours_model = models[name] if name.startswith("ours") else models["ours"] if "ours" in models else None
         flops = step_flops(ours_model, B, T, counted) if ours_model is not None else None
-        entry = dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * T / wall * 1000,
-                     mfu=flops / (wall / 1000) / peak if peak and flops else None)
+        row["sides"][name] = dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * T / wall * 1000,
+                                  mfu=flops / (wall / 1000) / peak if peak and flops else None)
+    record(row, done=False)  # the times are kept even if the memory runs (compiling again) are cut short
+    for name, entry in row["sides"].items():
         if args.memory:
             entry["memory"] = memory(dict(side=names[name][0], compact=names[name][1], shape=shape, dtype=dtype_name,
                                           device=device, model_dir=args.model, r=r, B=B, T=T, loss=loss,
                                           answer=args.answer, vocab=vocab, compile=mode == "compile",
                                           threads=args.threads))
-        row["sides"][name] = entry
     return row
 
 
@@ -492,9 +493,11 @@ def main(argv=None):
             f"emulated, about 100x slower than fp32 (train.py's dtype='auto' takes float32 here)")
     rows = []
 
-    def record(row):  # the JSON is rewritten after every row: a run cut short keeps the rows it has
-        rows.append(row)
-        log(format_row(row))
+    def record(row, done=True):  # the JSON is rewritten after every row: a run cut short keeps the rows it has
+        if not rows or rows[-1] is not row:
+            rows.append(row)
+        if done:
+            log(format_row(row))
         env["loadavg_end"] = os.getloadavg()
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

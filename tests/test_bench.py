@@ -1,5 +1,7 @@
 """bench.py measures what it says: both sides count the same loss positions, run the same computation, and the
 model FLOPs behind MFU equal torch's own count of the step's matmuls."""
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,3 +55,16 @@ def test_rank_pruning_row_times_real_events(model_dir):
     row = bench.rank_pruning_row(args, "default", "float32", torch.float32, 1, 16, "masked", "eager", 49152)
     # every timed event call removed K2 = 2 components of every adapter: 3 calls, 16 -> 10
     assert row["events"] == 3 and row["ranks_after"] == [10]
+
+
+def test_a_run_cut_short_keeps_its_times(model_dir, tmp_path, monkeypatch):
+    def cut(spec):  # as a time limit stopping the run while a side's memory is measured
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "memory", cut)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--model", str(model_dir), "--rows", "train", "--dtype", "float32", "--batch", "1",
+                    "--seq", "16", "--loss", "masked", "--sides", "ours", "--steps", "1", "--repeats", "1",
+                    "--warmup", "0", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["kind"] == "train" and row["sides"]["ours"]["ms"] > 0 and "memory" not in row["sides"]["ours"]
