@@ -92,6 +92,8 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
     for name, m in lora_modules(model).items():
         if m.lora_B.grad is not None and m.lora_A.grad is not None:
             groups.setdefault((m.lora_B.shape, m.lora_A.shape), []).append((name, m))
+    if not groups:
+        raise ValueError("accumulate_fisher: no LoRA adapter has a gradient; call it after the micro-batch's backward")
     for group in groups.values():
         names = [name for name, _ in group]
         gB = torch.stack([m.lora_B.grad for _, m in group]).float()  # (n, out, r), a copy

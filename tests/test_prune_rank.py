@@ -153,6 +153,12 @@ def test_accumulate_fisher_sees_each_micro_batch_gradient():
     torch.testing.assert_close(state["grad_B"][name], singles[0] + singles[1])
     torch.testing.assert_close(state["fisher_B"][name], sum(g.T @ g for g in singles))
     assert state["n_micro"] == 2
+    torch.testing.assert_close(state["last_grad"][name][0], m.lora_B.grad)  # the step's gradient, this adapter's
+
+
+def test_accumulate_fisher_before_a_backward_says_so():
+    with pytest.raises(ValueError, match="after the micro-batch's backward"):
+        accumulate_fisher(lora_tiny(), rank_prune_state())
 
 
 @pytest.mark.parametrize("method", RANK_METHODS)
