@@ -420,9 +420,11 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         update_sensitivity(model, state)
     if step == c["start"]:  # statistics restart: those of the warmup are not the model's now
         reset_statistics(state)
+    if step <= c["start"] or (step - c["start"]) % c["every"]:
+        return None  # (before reading the masks: on a GPU every read would wait for the step to finish)
     mods = lora_modules(model)
-    excess = sum(int(m.rank_mask.sum()) - c["target"] for m in mods.values())
-    if step <= c["start"] or (step - c["start"]) % c["every"] or excess <= 0:
+    excess = sum(torch.stack([m.rank_mask.sum() for m in mods.values()]).long().tolist()) - c["target"] * len(mods)
+    if excess <= 0:
         return None
     average_over_processes(state)  # every process must choose the same components
     if c["method"] == "activation_obs":
@@ -449,8 +451,8 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         prune_components(model, optimizer, chosen)
         if record is None:
             return math.nan
-        return sum(quadratic_change((mods[name].lora_B[:, S].float() - W)[:, None], G, H).item()
-                   for name, (S, W, G, H) in record.items())
+        return torch.stack([quadratic_change((mods[name].lora_B[:, S].float() - W)[:, None], G, H)
+                            for name, (S, W, G, H) in record.items()]).sum(dtype=torch.float64).item()
 
     predicted, actual = predicted_vs_actual(model, batch, event) if batch is not None else (event(), math.nan)
     del state["event_cache"]
