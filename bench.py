@@ -357,26 +357,30 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     """PrunedLoRA's own cost on top of the training step, at its start rank r0 (the most it costs): the
     statistics taken after every backward (accumulate_fisher: two r0 x r0 Gram matrices per adapter) and, every
     K1 steps, a pruning event (rank_prune_step: scores, choice, recovery update, masks; K2 = 2 components of
-    every adapter). Overhead = (fisher + event / K1) / step, the time it adds to training."""
+    every adapter). The event column includes one accumulate_fisher; overhead = (fisher + (event - fisher) / K1)
+    / step, the time they add to training."""
     x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
     step, model, opt = training_step("ours", shape, dtype, args.device, args.model, r0, x, y, labels,
                                      mode == "compile")
-    step()  # AdamW's state, then one more backward for gradients to take statistics of (the step clears .grad)
+    step()  # AdamW's state, then one more backward: gradients to take statistics of, kept aside (steps clear .grad)
     model(x, y)[1].backward()
     grads = [(p, p.grad) for p in lora_parameters(model)]
-    state, cfg = rank_prune_state(), dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
+    cfg = dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
+    running, state = rank_prune_state(), rank_prune_state()  # sums as between events (the fisher column); events'
     steps, events = itertools.count(args.k1, args.k1), []
 
-    def fisher():
+    def fisher(into):  # the statistics of one step, from the gradients kept aside
         for p, g in grads:
             p.grad = g
-        accumulate_fisher(model, state)
+        accumulate_fisher(model, into)
+        for p, _ in grads:
+            p.grad = None
 
-    def event():  # the statistics of one step, then an event (its first K1 - 1 steps' statistics are cheap sums)
-        fisher()
+    def event():  # a pruning event, after the one step of statistics it needs
+        fisher(state)
         events.append(rank_prune_step(model, opt, next(steps), cfg, state) is not None)
 
-    fns = dict(step=step, fisher=fisher, event=event)
+    fns = dict(step=step, fisher=lambda: fisher(running), event=event)
     times = timed(fns, args.steps, args.repeats, args.warmup, args.device)
     if not all(events):
         raise RuntimeError(f"rank pruning row: only {sum(events)} of {len(events)} calls were events (r0 {r0} too low)")
@@ -499,9 +503,10 @@ def main(argv=None):
         if done:
             log(format_row(row))
         env["loadavg_end"] = os.getloadavg()
-        if args.json:
+        if args.json:  # whole or not at all, should a time limit stop the run mid-write
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+            Path(args.json + ".tmp").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+            os.replace(args.json + ".tmp", args.json)
 
     train_rows(args, sides, log, record)
     inference_rows(args, sides, record)

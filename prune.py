@@ -99,20 +99,22 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
         gB = torch.stack([m.lora_B.grad for _, m in group]).float()  # (n, out, r), a copy
         gA = torch.stack([m.lora_A.grad for _, m in group]).float()  # (n, r, in)
         prev = [state["last_grad"].get(name) for name in names]
-        if micro_step == 0 or any(p is None for p in prev):
+        if micro_step == 0:
             dB, dA = gB, gA
-        else:
-            dB, dA = gB - torch.stack([p[0] for p in prev]), gA - torch.stack([p[1] for p in prev])
+        else:  # the increment since the previous micro-batch (none before it: all of it)
+            dB = gB - torch.stack([p[0] if p is not None else torch.zeros_like(g) for p, g in zip(prev, gB)])
+            dA = gA - torch.stack([p[1] if p is not None else torch.zeros_like(g) for p, g in zip(prev, gA)])
         if loss_scale != 1:
             dB, dA = dB * loss_scale, dA * loss_scale  # the gradient of this micro-batch's mean loss
         for name, b, a in zip(names, gB, gA):  # in the end the step's gradient (paper, taylor, adalora)
             state["last_grad"][name] = (b, a)
         for key, value in (("grad_B", dB), ("grad_A", dA), ("fisher_B", dB.mT @ dB), ("fisher_A", dA @ dA.mT)):
             sums = [state[key].get(name) for name in names]
-            if any(t is None for t in sums):
-                state[key].update((name, v.clone()) for name, v in zip(names, value))
-            else:
+            if all(t is not None for t in sums):
                 torch._foreach_add_(sums, list(value.unbind(0)))
+            else:
+                for name, v, t in zip(names, value, sums):
+                    state[key][name] = v.clone() if t is None else t.add_(v)
     state["n_micro"] += 1
     state["batch_size"] = batch_size
 
@@ -346,6 +348,7 @@ def prune_components(model, optimizer, chosen):
 
 # --- measuring: does the predicted loss change match the actual one?
 @torch.no_grad()
+@torch.no_grad()
 def heldout_loss(model, batch):
     was_training = model.training
     model.eval()
@@ -437,12 +440,12 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         name = list(mods)[len(mods) // 2]
         ranking = dict(adapter=name, **ranking_test(model, name, batch, state, c["method"], 16, c["recovery"], **knobs))
         state["ranked"] = True
-    # the predicted change of every method: the Fisher's quadratic model (loss units) of the change of B
-    state["event_cache"] = {}  # from here to the masks, the adapters' active components and factors stay put
-    record = {name: (S, *curvature(m, name, S, "prunedlora", state, "B", c["damp"]))
-              for name, m in mods.items() for S in [active_components(m)]} if state["n_micro"] else None
 
+    @torch.no_grad()
     def event():
+        # the predicted change of every method: the Fisher's quadratic model (loss units) of the change of B
+        record = {name: (S, *curvature(m, name, S, "prunedlora", state, "B", c["damp"]))
+                  for name, m in mods.items() for S in [active_components(m)]} if state["n_micro"] else None
         scores = rank_scores(model, c["method"], state, recovery=c["recovery"], **knobs)
         floor = c["target"] if c["allocation"] == "uniform" else c["floor"]
         chosen = choose_components(scores, c["k"], c["allocation"], floor, budget=excess)
@@ -454,8 +457,11 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         return torch.stack([quadratic_change((mods[name].lora_B[:, S].float() - W)[:, None], G, H)
                             for name, (S, W, G, H) in record.items()]).sum(dtype=torch.float64).item()
 
-    predicted, actual = predicted_vs_actual(model, batch, event) if batch is not None else (event(), math.nan)
-    del state["event_cache"]
+    state["event_cache"] = {}  # until the masks, the adapters' active components and factors stay put
+    try:
+        predicted, actual = predicted_vs_actual(model, batch, event) if batch is not None else (event(), math.nan)
+    finally:
+        del state["event_cache"]
     reset_statistics(state)
     ranks = {name: int(m.rank_mask.sum()) for name, m in mods.items()}
     return dict(step=step, pruned=excess - sum(r - c["target"] for r in ranks.values()), predicted=predicted,
