@@ -86,8 +86,8 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
     per micro-batch. Adds the micro-batch gradient G and G^T G (B: its rows are the samples), G G^T (A:
     its columns are) to the sums. Under DDP the last micro-batch's increment also holds the other
     processes' gradients (averaged in its backward): an approximation; rank_prune_step averages the sums.
-    Adapters of the same shapes (one projection in every layer) go together: one batched product and one
-    multi-tensor add per group, not a few small ops per adapter (on a GPU, each a kernel launch)."""
+    Adapters of the same shapes (one projection in every layer) go together: batched products and multi-tensor
+    adds per group, not a few small ops per adapter (on a GPU, each a kernel launch)."""
     groups = {}
     for name, m in lora_modules(model).items():
         if m.lora_B.grad is not None and m.lora_A.grad is not None:
@@ -347,7 +347,6 @@ def prune_components(model, optimizer, chosen):
 
 
 # --- measuring: does the predicted loss change match the actual one?
-@torch.no_grad()
 @torch.no_grad()
 def heldout_loss(model, batch):
     was_training = model.training
