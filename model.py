@@ -282,14 +282,13 @@ class Transformer(nn.Module):
         """idx (B, T) int64 -> (logits, loss). With targets (B, T; -1 = not counted) the loss is the mean
         cross-entropy over counted positions and logits is None: logits are computed only at those
         positions, in chunks, never as a (B, T, vocab) tensor. last_only: logits of the last position."""
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{idx.min().item()}, {idx.max().item()}]")
         h = self.hidden_states(idx, cache, start)
         if targets is None:
             return self.lm_head(h[:, -1:] if last_only else h), None
-        keep = targets.reshape(-1) != -1
-        return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1])[keep], self.lm_head.weight, targets.reshape(-1)[keep])
+        return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None, generator=None):
@@ -365,9 +364,13 @@ class Transformer(nn.Module):
         save_json({**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, Path(folder) / "config.json")
 
 
+@torch.compiler.disable  # how many positions count depends on the data: under torch.compile the loss runs eagerly
 def chunked_cross_entropy(h, weight, targets, chunk=2048):
-    """Mean cross-entropy of (N, C) hidden states against (N,) targets through the output layer, computed
-    chunk by chunk in float32, so the (N, vocab) logits never exist at once."""
+    """Mean cross-entropy of (N, C) hidden states against (N,) targets (-1 = not counted) through the output
+    layer, computed at the counted positions only, chunk by chunk in float32, so the (N, vocab) logits never
+    exist at once."""
+    keep = targets != -1
+    h, targets = h[keep], targets[keep]
     if targets.numel() == 0:
         return h.sum() * 0.0  # no counted tokens: a zero loss that still has a graph
     return LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())

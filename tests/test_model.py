@@ -273,3 +273,16 @@ def test_we_load_what_transformers_saves(tmp_path):
     idx = torch.randint(0, 90, (2, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_sees_the_whole_training_forward_as_one_graph():
+    """Embedding to final norm, LoRA included, is one graph (no breaks: the token check is left out while
+    compiling); only the loss, whose counted positions are data, runs eagerly (torch.compiler.disable)."""
+    from lora import ALL_TARGETS, apply_lora
+    model = apply_lora(tiny_model(seed=4), ALL_TARGETS, r=4, alpha=8).train()
+    x = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, 1)
+    y[:, :8] = -1  # a prompt that does not count
+    explanation = torch._dynamo.explain(model)(x, y)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert all("chunked_cross_entropy" in str(b.reason) for b in explanation.break_reasons)
