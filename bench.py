@@ -56,7 +56,7 @@ import torch
 
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
-from prune import accumulate_fisher, rank_prune_state, rank_prune_step
+from prune import accumulate_fisher, active_ranks, rank_prune_state, rank_prune_step
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -387,10 +387,9 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     (step_ms, _), (fisher_ms, _), (event_ms, _) = times["step"], times["fisher"], times["event"]
     sides = {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * args.seq / wall * 1000 if name == "step" else None)
              for name, (wall, cpu) in times.items()}
-    ranks = [int(m.rank_mask.sum()) for m in lora_modules(model).values()]
     return dict(kind="rankprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r0, loss=loss, mode=mode,
                 k1=args.k1, overhead=(fisher_ms + (event_ms - fisher_ms) / args.k1) / step_ms, sides=sides,
-                events=len(events), ranks_after=sorted(set(ranks)))
+                events=len(events), ranks_after=sorted(set(active_ranks(lora_modules(model)).values())))
 
 
 def inference_rows(args, sides, record):

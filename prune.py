@@ -154,6 +154,11 @@ def active_components(m):
     return m.rank_mask.nonzero().squeeze(1)
 
 
+def active_ranks(mods):
+    """{name: number of active components} of the adapters in `mods`, in one read of their masks."""
+    return dict(zip(mods, torch.stack([m.rank_mask.sum() for m in mods.values()]).long().tolist()))
+
+
 def damped(H, frac):
     """H + damp * I, damp = frac * mean(diag H) (SparseGPT's dampening); H + I where H is zero."""
     damp = frac * H.diagonal().mean()
@@ -425,7 +430,7 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
     if step <= c["start"] or (step - c["start"]) % c["every"]:
         return None  # (before reading the masks: on a GPU every read would wait for the step to finish)
     mods = lora_modules(model)
-    excess = sum(torch.stack([m.rank_mask.sum() for m in mods.values()]).long().tolist()) - c["target"] * len(mods)
+    excess = sum(active_ranks(mods).values()) - c["target"] * len(mods)
     if excess <= 0:
         return None
     average_over_processes(state)  # every process must choose the same components
@@ -462,7 +467,7 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
     finally:
         del state["event_cache"]
     reset_statistics(state)
-    ranks = {name: int(m.rank_mask.sum()) for name, m in mods.items()}
+    ranks = active_ranks(mods)
     return dict(step=step, pruned=excess - sum(r - c["target"] for r in ranks.values()), predicted=predicted,
                 actual=actual, ranking=ranking, ranks=ranks, rank_mean=sum(ranks.values()) / len(ranks),
                 rank_min=min(ranks.values()), rank_max=max(ranks.values()))
