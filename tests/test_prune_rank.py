@@ -1,16 +1,24 @@
 """PrunedLoRA rank pruning (prune.py section 1): closed-form checks of the Lagrangian score and update,
-no reactivation, exact final ranks, slicing == masking, and that the default score is in loss units."""
+pruned components neutral, stacked adapters == one at a time, no reactivation, exact final ranks,
+slicing == masking, and that the default score is in loss units."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import prune
 from conftest import tiny_model
 from lora import apply_lora, load_adapter, lora_modules, save_adapter
-from prune import (RANK_METHODS, accumulate_fisher, choose_components, lagrangian_scores, obs_updates,
-                   prune_components, quadratic_change, rank_prune_state, rank_prune_step, rank_schedule_end,
-                   ranking_test, removal_values, slice_adapters, spearman)
+from prune import (RANK_METHODS, accumulate_fisher, activation_stats, adapter_groups, apply_recovery,
+                   choose_components, damped, group_scores, lagrangian_scores, obs_updates, prune_components,
+                   quadratic_change, rank_prune_state, rank_prune_step, rank_schedule_end, ranking_test,
+                   removal_values, slice_adapters, spearman, update_sensitivity)
+
+
+def one_set(k, Q):
+    """The (1, k) mask of the set of components Q (obs_updates' P)."""
+    return (torch.arange(k)[None, :, None] == torch.tensor(Q)).any(-1)
 
 
 def spd(k, seed):
@@ -35,7 +43,7 @@ def test_lagrangian_score_and_update_match_kkt_solution():
     H, G, W = spd(k, 1), rng.normal(size=(rows, k)), rng.normal(size=(rows, k))
     t = lambda a: torch.tensor(a, dtype=torch.float64)
     scores = lagrangian_scores(t(W), t(G), t(H))
-    D = obs_updates(t(W), t(G), t(H), torch.arange(k)[:, None], eta=1.0)  # (rows, k sets {j}, k)
+    D = obs_updates(t(W), t(G), t(H), torch.eye(k, dtype=torch.bool), eta=1.0)  # (rows, k sets {j}, k)
     values = quadratic_change(D, t(G), t(H))
     newton_value = sum(-0.5 * g @ np.linalg.solve(H, g) for g in G)  # the j-independent term
     for j in range(k):
@@ -44,7 +52,7 @@ def test_lagrangian_score_and_update_match_kkt_solution():
         np.testing.assert_allclose(scores[j].item(), sum(vals) - newton_value, rtol=1e-9)
         np.testing.assert_allclose(values[j].item(), sum(vals), rtol=1e-9)  # the score of record, eta = 1
     # a set of two components at once (the update an event applies)
-    D2 = obs_updates(t(W), t(G), t(H), torch.tensor([[1, 4]]), eta=1.0)[:, 0]
+    D2 = obs_updates(t(W), t(G), t(H), one_set(k, [1, 4]), eta=1.0)[:, 0]
     np.testing.assert_allclose(D2.numpy(), np.stack([kkt(H, G[i], W[i], [1, 4])[0] for i in range(rows)]), atol=1e-10)
 
 
@@ -54,7 +62,7 @@ def test_gradient_term_off_is_classical_obs():
     Hinv = np.linalg.inv(H)
     t = lambda a: torch.tensor(a, dtype=torch.float64)
     scores = lagrangian_scores(t(W), torch.zeros(rows, k, dtype=torch.float64), t(H))
-    D = obs_updates(t(W), torch.zeros(rows, k, dtype=torch.float64), t(H), torch.arange(k)[:, None], eta=1.0)
+    D = obs_updates(t(W), torch.zeros(rows, k, dtype=torch.float64), t(H), torch.eye(k, dtype=torch.bool), eta=1.0)
     for j in range(k):
         np.testing.assert_allclose(scores[j].item(), (0.5 * W[:, j] ** 2 / Hinv[j, j]).sum(), rtol=1e-9)
         np.testing.assert_allclose(D[:, j].numpy(), -(W[:, j] / Hinv[j, j])[:, None] * Hinv[:, j], atol=1e-10)
@@ -65,7 +73,7 @@ def test_trust_region_bounds_survivors_and_zeroes_the_pruned():
     rng = np.random.default_rng(4)
     t = lambda a: torch.tensor(a, dtype=torch.float64)
     W, G, H = t(rng.normal(size=(rows, k))), t(100 * rng.normal(size=(rows, k))), t(spd(k, 5))
-    D = obs_updates(W, G, H, torch.tensor([[2]]), eta=1.0, tau=tau)[:, 0]
+    D = obs_updates(W, G, H, one_set(k, [2]), eta=1.0, tau=tau)[:, 0]
     assert torch.equal(D[:, 2], -W[:, 2])
     survivors = torch.cat([D[:, :2], D[:, 3:]], 1)
     assert (survivors.norm(dim=1) <= tau * W.norm(dim=1) * (1 + 1e-9)).all()
@@ -82,8 +90,30 @@ def test_closed_form_score_of_record_equals_the_value_of_the_explicit_update(eta
         k, rows = 7, 6
         W, G, H = (torch.tensor(a) for a in (rng.normal(size=(rows, k)), 10.0 ** (seed - 2) * rng.normal(size=(rows, k)),
                                              spd(k, seed + 10)))
-        explicit = quadratic_change(obs_updates(W, G, H, torch.arange(k)[:, None], eta, tau, recovery), G, H)
+        explicit = quadratic_change(obs_updates(W, G, H, torch.eye(k, dtype=torch.bool), eta, tau, recovery), G, H)
         torch.testing.assert_close(removal_values(W, G, H, eta, tau, recovery), explicit, rtol=1e-9, atol=1e-12)
+
+
+def test_pruned_components_are_neutral():
+    """Over all k components with some pruned (zero in W and G, zero rows and columns of H, then damped with
+    the mask), every score and update of the active ones equals the one computed over the active ones alone."""
+    k, rows = 7, 5
+    rng = np.random.default_rng(6)
+    t = lambda a: torch.tensor(a, dtype=torch.float64)
+    mask = t([1, 0, 1, 1, 0, 1, 1])
+    S = mask.bool()
+    W, G = t(rng.normal(size=(rows, k))) * mask, t(rng.normal(size=(rows, k))) * mask
+    H0 = t(spd(k, 7)) * mask[:, None] * mask[None, :]
+    H, H_S = damped(H0, 0.01, mask), damped(H0[S][:, S], 0.01, torch.ones(int(S.sum()), dtype=torch.float64))
+    torch.testing.assert_close(H[S][:, S], H_S, rtol=1e-12, atol=0)
+    torch.testing.assert_close(lagrangian_scores(W, G, H)[S], lagrangian_scores(W[:, S], G[:, S], H_S), rtol=1e-9, atol=1e-12)
+    for eta, tau, recovery in ((0.0, 0.1, True), (0.5, 0.0, True), (1.0, 0.3, True), (0.0, 0.0, False)):
+        torch.testing.assert_close(removal_values(W, G, H, eta, tau, recovery)[S],
+                                   removal_values(W[:, S], G[:, S], H_S, eta, tau, recovery), rtol=1e-9, atol=1e-12)
+        D = obs_updates(W, G, H, one_set(k, [0, 3]), eta, tau, recovery)[:, 0]
+        D_S = obs_updates(W[:, S], G[:, S], H_S, one_set(k, [0, 3])[:, S], eta, tau, recovery)[:, 0]
+        torch.testing.assert_close(D[:, S], D_S, rtol=1e-9, atol=1e-12)
+        assert D[:, ~S].abs().max() < 1e-12  # the pruned stay where they are
 
 
 # ----------------------------------------------------------------------------- on a tiny model
@@ -126,12 +156,78 @@ def test_pruned_component_and_its_adamw_state_stay_zero():
     train(model, opt, state, 3)
     m = lora_modules(model)["model.layers.0.self_attn.q_proj"]
     assert opt.state[m.lora_A]["exp_avg"][3].abs().sum() > 0
-    prune_components(model, opt, {"model.layers.0.self_attn.q_proj": torch.tensor([3, 5])})
+    prune_components(model, opt, {("model.layers.0.self_attn.q_proj",): one_set(8, [3, 5])})
     train(model, opt, state, 3, first_step=4)
     for p, part in ((m.lora_A, lambda x: x[[3, 5]]), (m.lora_B, lambda x: x[:, [3, 5]])):
         assert part(p).abs().max() == 0
         assert part(opt.state[p]["exp_avg"]).abs().max() == 0 and part(opt.state[p]["exp_avg_sq"]).abs().max() == 0
     assert m.lora_A[[0, 1, 2, 4, 6, 7]].abs().min(dim=1).values.gt(0).all()  # the others still train
+
+
+@pytest.mark.parametrize("method", [m for m in RANK_METHODS if m != "random"])
+def test_an_adapter_group_scores_and_recovers_as_its_adapters_alone(method):
+    """An event stacks the adapters of a shape (adapter_groups); stacked, each scores and moves as it does alone,
+    also when they have lost different components."""
+    model = lora_tiny()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state = rank_prune_state()
+    train(model, opt, state, 2)
+    mods = lora_modules(model)
+    groups = adapter_groups(mods)
+    assert max(len(names) for names in groups) == 4  # q_proj and o_proj of both layers (32 x 32) go together
+    prune_components(model, opt, {(name,): one_set(8, list(range(i % 3))) for i, name in enumerate(mods)})
+    train(model, opt, state, 2, first_step=3)
+    update_sensitivity(model, state)
+    activation_stats(model, data(7), state)
+    alone = {(name,): group_scores(mods, (name,), method, state) for name in mods}
+    for names in groups:
+        torch.testing.assert_close(group_scores(mods, names, method, state),
+                                   torch.cat([alone[(name,)] for name in names]), rtol=1e-5, atol=1e-7)
+    chosen = choose_components(alone, k=2)
+    idle = next(iter(mods))
+    chosen[(idle,)][:] = False  # an adapter that loses nothing this event does not move, Newton share or not
+    together = {names: torch.cat([chosen[(name,)] for name in names]) for names in groups}
+    before = {name: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for name, m in mods.items()}
+    apply_recovery(model, together, method, state, recovery_lr=0.5, side="AB")
+    after = {name: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for name, m in mods.items()}
+    for name, m in mods.items():
+        with torch.no_grad():
+            m.lora_A.copy_(before[name][0]), m.lora_B.copy_(before[name][1])
+    for name in mods:
+        apply_recovery(model, {(name,): chosen[(name,)]}, method, state, recovery_lr=0.5, side="AB")
+    for name, m in mods.items():
+        torch.testing.assert_close(after[name][0], m.lora_A.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(after[name][1], m.lora_B.detach(), rtol=1e-5, atol=1e-7)
+        assert torch.equal(after[name][1], before[name][1]) == (name == idle)
+    was_active = {name: m.rank_mask.clone() for name, m in mods.items()}
+    prune_components(model, opt, together)
+    for name, m in mods.items():
+        gone = chosen[(name,)][0]
+        assert torch.equal(m.rank_mask, was_active[name] * ~gone)
+        for p, part in ((m.lora_A, lambda x: x[gone]), (m.lora_B, lambda x: x[:, gone])):
+            assert part(p).abs().sum() == 0 and part(opt.state[p]["exp_avg"]).abs().sum() == 0
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_stacked_events_equal_events_one_adapter_at_a_time(allocation, monkeypatch):
+    """rank_prune_step stacks each group of adapters on a GPU and takes them one at a time on a CPU: the same
+    components go, the same updates land (to float rounding), over a whole schedule."""
+    runs = []
+    for stack in (True, False):
+        monkeypatch.setattr(prune, "adapter_groups", lambda mods, _original=adapter_groups, **_: _original(mods, stack=stack))
+        model = lora_tiny(r=8)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        cfg = dict(rank_target=3, rank_every=2, rank_k=2, rank_start=1, rank_allocation=allocation, rank_floor=2,
+                   rank_recovery_side="AB", rank_recovery_lr=0.3)
+        logs = train(model, opt, rank_prune_state(), rank_schedule_end(8, cfg), cfg, heldout=data(7))
+        runs.append((logs, lora_modules(model)))
+    (logs, stacked), (logs_alone, alone) = runs
+    assert len(logs) == len(logs_alone) == 3 and [log["ranks"] for log in logs] == [log["ranks"] for log in logs_alone]
+    for name, m in stacked.items():
+        assert torch.equal(m.rank_mask, alone[name].rank_mask)
+        torch.testing.assert_close(m.lora_B, alone[name].lora_B, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.lora_A, alone[name].lora_A, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close([log["predicted"] for log in logs], [log["predicted"] for log in logs_alone], rtol=1e-4, atol=1e-8)
 
 
 def test_accumulate_fisher_sees_each_micro_batch_gradient():
@@ -182,8 +278,11 @@ def test_final_ranks_are_exact(method, allocation):
 def test_global_allocation_takes_the_lowest_scores_above_the_floor():
     scores = {"a": torch.tensor([0.1, 0.2, 0.3, math.inf]), "b": torch.tensor([5.0, 6.0, 0.05, 7.0])}
     chosen = choose_components(scores, k=2, allocation="global", floor=2)  # 4 wanted; "a" (3 active) may lose 1
-    assert chosen["a"].tolist() == [0] and chosen["b"].tolist() == [2, 0]
-    assert choose_components(scores, k=3, allocation="uniform", floor=2)["b"].tolist() == [2, 0]
+    assert chosen["a"].nonzero().flatten().tolist() == [0] and chosen["b"].nonzero().flatten().tolist() == [0, 2]
+    assert choose_components(scores, k=3, allocation="uniform", floor=2)["b"].nonzero().flatten().tolist() == [0, 2]
+    # stacked adapters (a group) choose as they would alone
+    both = choose_components({"ab": torch.stack(list(scores.values()))}, k=2, allocation="global", floor=2)["ab"]
+    assert torch.equal(both, torch.stack(list(chosen.values())))
 
 
 def test_slicing_gives_the_masked_model_and_saves_exact_ranks(tmp_path):
