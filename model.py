@@ -282,13 +282,17 @@ class Transformer(nn.Module):
         """idx (B, T) int64 -> (logits, loss). With targets (B, T; -1 = not counted) the loss is the mean
         cross-entropy over counted positions and logits is None: logits are computed only at those
         positions, in chunks, never as a (B, T, vocab) tensor. last_only: logits of the last position."""
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
+        if not torch.compiler.is_compiling():
+            self.check_ids(idx)
         h = self.hidden_states(idx, cache, start)
         if targets is None:
             return self.lm_head(h[:, -1:] if last_only else h), None
         return None, chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+
+    def check_ids(self, idx):
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None, generator=None):
@@ -301,9 +305,10 @@ class Transformer(nn.Module):
         cache = KVCache(self, B, total, self.lm_head.weight.dtype, idx.device)
         stops = torch.tensor(sorted(set(stop_ids or [])), device=idx.device, dtype=idx.dtype)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        self.check_ids(idx)  # once: sampled ids are valid, and on a GPU each check waits for the step before it
         out, start, step_in = idx, 0, idx
         while out.shape[1] < total:
-            logits, _ = self(step_in, cache=cache, start=start, last_only=True)
+            logits = self.lm_head(self.hidden_states(step_in, cache, start)[:, -1:])
             if start == 0 and not torch.isfinite(logits).all():  # checked once: a clear error, not a sampling one
                 raise ValueError("the model's logits are NaN or Inf (are its weights finite?)")
             nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)

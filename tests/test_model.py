@@ -184,6 +184,8 @@ def test_token_ids_outside_vocab_are_refused():
     for bad in (-1, model.config.vocab_size):
         with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {model.config.vocab_size}\)"):
             model(torch.tensor([[1, 2, bad]]))
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {model.config.vocab_size}\)"):
+            model.generate(torch.tensor([[1, 2, bad]]), max_new_tokens=2)  # checked once, before decoding
 
 
 def test_sequences_longer_than_context_are_refused():
