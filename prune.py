@@ -108,7 +108,8 @@ def accumulate_fisher(model, state, micro_step=0, loss_scale=1.0, batch_size=1):
     its columns are) to the sums. Under DDP the last micro-batch's increment also holds the other
     processes' gradients (averaged in its backward): an approximation; rank_prune_step averages the sums.
     Each group of adapter_groups goes together: batched products and multi-tensor adds."""
-    mods = {name: m for name, m in lora_modules(model).items() if m.lora_B.grad is not None and m.lora_A.grad is not None}
+    mods = {name: m for name, m in lora_modules(model).items()
+            if m.lora_B.grad is not None and m.lora_A.grad is not None}
     if not mods:
         raise ValueError("accumulate_fisher: no LoRA adapter has a gradient; call it after the micro-batch's backward")
     for names in adapter_groups(mods):
@@ -288,7 +289,8 @@ def removal_values(W, G, H, eta=0.0, tau=0.0, recovery=True):
     hd, Hd = diagonal_row(Hinv), diagonal_row(H)
     m = G @ Hinv  # (..., rows, k): row i is H^-1 g_i
     a = (W - eta * m) / hd
-    c0 = W * (0.5 * W * Hd - G)  # the value is c2 t^2 + c1 t + c0: of the removal alone, of moving the survivors
+    # the value is c2 t^2 + c1 t + c0 in the trust region's factor t; c0 = w_j^2/2 H_jj - w_j g_j: the removal alone
+    c0 = W * (0.5 * W * Hd - G)
     if not recovery:
         return c0.sum(-2)
     gHg = (G * m).sum(-1, keepdim=True)
@@ -296,7 +298,8 @@ def removal_values(W, G, H, eta=0.0, tau=0.0, recovery=True):
     c2 = 0.5 * (eta ** 2 * gHg + a * (a * hd + 2 * eta * m - 2 * W) + W * (W * Hd - 2 * eta * G))  # u^T H u / 2
     if tau <= 0:
         return (c2 + c1 + c0).sum(-2)
-    uu = eta ** 2 * (m * m).sum(-1, keepdim=True) + a * (2 * eta * (m @ Hinv) + a * (Hinv * Hinv).sum(-2, keepdim=True)) - W ** 2
+    Hinv2_jj = (Hinv * Hinv).sum(-2, keepdim=True)  # [H^-2]_jj
+    uu = eta ** 2 * (m * m).sum(-1, keepdim=True) + a * (2 * eta * (m @ Hinv) + a * Hinv2_jj) - W ** 2  # |u|^2
     t = (tau * W.norm(dim=-1, keepdim=True) / uu.clamp_min(0).sqrt().clamp_min(1e-30)).clamp(max=1.0)
     return (t * (t * c2 + c1) + c0).sum(-2)
 
@@ -313,7 +316,8 @@ def group_scores(mods, names, method, state, recovery=True, recovery_lr=0.0, tau
         scores = B.norm(dim=-2) * A.norm(dim=-1)  # ||B[:, j]|| * ||A[j, :]||
     elif method == "random":  # one draw per active component, adapter after adapter
         active = rank_masks(mods, names).bool().cpu()
-        scores = torch.zeros(active.shape).masked_scatter_(active, torch.rand(int(active.sum()), generator=state["generator"]))
+        draws = torch.rand(int(active.sum()), generator=state["generator"])
+        scores = torch.zeros(active.shape).masked_scatter_(active, draws)
     elif method == "taylor":  # first-order Taylor (LLM-Pruner): |sum B[:, j] G_B[:, j]| + |sum A[j, :] G_A[j, :]|
         gB, gA = each(lambda name: state["last_grad"][name][0]), each(lambda name: state["last_grad"][name][1])
         scores = (B * gB).sum(-2).abs() + (A * gA).sum(-1).abs()
@@ -350,8 +354,9 @@ def choose_components(scores, k, allocation="uniform", floor=1, budget=None):
     below `floor` active components; ties go to the lower index."""
     if allocation not in ("uniform", "global"):
         raise ValueError(f"rank_allocation {allocation!r}: expected 'uniform' or 'global'")
-    place = {key: s.argsort(stable=True, dim=-1).argsort(dim=-1) for key, s in scores.items()}  # 0 = the adapter's lowest
-    left = {key: s.isfinite().sum(-1, keepdim=True) - floor for key, s in scores.items()}  # it may still lose
+    # a component's place in its adapter's order (0: the lowest), and how many the adapter may still lose
+    place = {key: s.argsort(stable=True, dim=-1).argsort(dim=-1) for key, s in scores.items()}
+    left = {key: s.isfinite().sum(-1, keepdim=True) - floor for key, s in scores.items()}
     if allocation == "uniform":
         return {key: place[key] < left[key].clamp(0, k) for key in scores}
     # global: of the components each adapter may lose (its lowest `left`), the n_prune lowest of all
@@ -361,7 +366,8 @@ def choose_components(scores, k, allocation="uniform", floor=1, budget=None):
     chosen = torch.zeros_like(flat, dtype=torch.bool)
     chosen[flat.argsort(stable=True)[:n_prune]] = True
     chosen &= flat.isfinite()
-    return {key: c.view(s.shape) for (key, s), c in zip(scores.items(), chosen.split([s.numel() for s in scores.values()]))}
+    parts = chosen.split([s.numel() for s in scores.values()])
+    return {key: part.view(s.shape) for (key, s), part in zip(scores.items(), parts)}
 
 
 @torch.no_grad()
@@ -393,7 +399,7 @@ def prune_components(model, optimizer, chosen):
         for params, k in (([m.lora_A for m in ms], keep[:, :, None]), ([m.lora_B for m in ms], keep[:, None, :])):
             in_place(torch._foreach_mul_, params, k)
             states = [optimizer.state.get(p, {}) if optimizer is not None else {} for p in params]
-            for key in dict.fromkeys(key for s in states for key in s):  # AdamW: exp_avg, exp_avg_sq (and step, a scalar)
+            for key in dict.fromkeys(key for s in states for key in s):  # AdamW: exp_avg, exp_avg_sq (step: a scalar)
                 have = [i for i, (s, p) in enumerate(zip(states, params))
                         if torch.is_tensor(s.get(key)) and s[key].shape == p.shape]
                 if have:
@@ -509,8 +515,9 @@ def rank_prune_step(model, optimizer, step, cfg, state, batch=None):
         prune_components(model, optimizer, chosen)
         if record is None:
             return math.nan
-        return torch.stack([quadratic_change((stacked(mods[name].lora_B for name in names) - W).unsqueeze(-2), G, H).sum()
-                            for names, (W, G, H) in record.items()]).sum(dtype=torch.float64).item()
+        changes = [quadratic_change((stacked(mods[name].lora_B for name in names) - W).unsqueeze(-2), G, H).sum()
+                   for names, (W, G, H) in record.items()]
+        return torch.stack(changes).sum(dtype=torch.float64).item()
 
     state["event_cache"] = {}  # until the masks, the adapters' active components and factors stay put
     try:
