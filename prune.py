@@ -174,8 +174,12 @@ def active_ranks(mods):
 
 def in_place(op, tensors, others):
     """op (torch._foreach_add_ or _mul_) of every tensor with its slice of others (n, ...), broadcast to its
-    shape: one multi-tensor op for the group."""
-    op(tensors, list(others.to(tensors[0].dtype).expand(len(tensors), *tensors[0].shape).contiguous().unbind(0)))
+    shape: one multi-tensor op for the group (CUDA's fused one wants operands of the same shapes and strides;
+    on a CPU it is a loop, which broadcasts)."""
+    others = others.to(tensors[0].dtype)
+    if tensors[0].is_cuda:
+        others = others.expand(len(tensors), *tensors[0].shape).contiguous()
+    op(tensors, list(others.unbind(0)))
 
 
 def damped(H, frac, mask):
