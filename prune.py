@@ -466,11 +466,15 @@ def ranking_test(model, name, batch, state, method="prunedlora", n=16, recovery=
 
 # --- the schedule
 def average_over_processes(state):
-    """Under DDP, replace each process's statistics by their mean over the processes, in place."""
+    """Under DDP, replace each process's statistics by their mean over the processes, in place: one
+    all-reduce of them all, flattened into one buffer (not one per adapter and statistic)."""
     if dist.is_available() and dist.is_initialized():
-        for t in (t for key in STATISTICS for t in state[key].values()):
-            dist.all_reduce(t)
-            t /= dist.get_world_size()
+        sums = [t for key in STATISTICS for t in state[key].values()]
+        if sums:
+            flat = torch.cat([t.flatten() for t in sums])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            torch._foreach_copy_(sums, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in sums]), sums)])
 
 
 def rank_prune_step(model, optimizer, step, cfg, state, batch=None):

@@ -285,6 +285,25 @@ def test_global_allocation_takes_the_lowest_scores_above_the_floor():
     assert torch.equal(both, torch.stack(list(chosen.values())))
 
 
+def average_in_process(rank, world, init_file, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    state = rank_prune_state()
+    for key in prune.STATISTICS:  # process p holds (p + 1) * the same sums
+        state[key] = {name: (rank + 1) * torch.arange(n, dtype=torch.float32).view(-1, 2) for name, n in (("a", 4), ("b", 6))}
+    prune.average_over_processes(state)
+    torch.save({key: state[key] for key in prune.STATISTICS}, f"{out}{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_average_over_processes_leaves_every_process_the_mean(tmp_path):
+    torch.multiprocessing.spawn(average_in_process, args=(2, tmp_path / "init", tmp_path / "out"), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out{rank}.pt")
+        for key in prune.STATISTICS:
+            for name, n in (("a", 4), ("b", 6)):
+                assert torch.equal(got[key][name], 1.5 * torch.arange(n, dtype=torch.float32).view(-1, 2))  # (1 + 2) / 2
+
+
 def test_slicing_gives_the_masked_model_and_saves_exact_ranks(tmp_path):
     model = lora_tiny(r=8)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
