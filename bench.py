@@ -16,6 +16,8 @@ Rows (one per combination of the comma-separated options)
            removed by prune.compact (transformers has no per-layer widths, so there is no "theirs").
   rankprune  ours alone: PrunedLoRA's cost at its start rank (--rank0), the step against accumulate_fisher after
            its backward and a pruning event (rank_prune_step) every --k1 steps: the share they add to training.
+  loraprune  ours alone: LoRAPrune's cost at rank --rank, the step against the importance update after its
+           backward (loraprune_update) and a masking step (loraprune_step, 20% sparsity) every 10 steps.
   prefill  one forward over --seq tokens filling the KV cache, logits of the last position only (no LoRA).
   decode   greedy generation from a --prompt token prompt, batch 1 (no LoRA): ms per token =
            (time for 1 + N new tokens - time for 1 new token) / N, N = --new_tokens.
@@ -56,7 +58,8 @@ import torch
 
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
-from prune import accumulate_fisher, active_ranks, rank_prune_state, rank_prune_step
+from prune import (accumulate_fisher, active_ranks, add_masks, loraprune_step, loraprune_update, masked_params,
+                   rank_prune_state, rank_prune_step)
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,7 +79,7 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--rows", default="train,compact,rankprune,prefill,decode")
+    p.add_argument("--rows", default="train,compact,rankprune,loraprune,prefill,decode")
     p.add_argument("--shapes", default=None, help="of default, 135m, 1b (CUDA: 135m,1b,default; CPU: default)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the folder of the 'default' shape")
     p.add_argument("--dtype", default=None, help="CUDA: bfloat16; CPU: float32,bfloat16")
@@ -307,7 +310,7 @@ def matmul_peak(dtype, n=2048, calls=5):
 
 # ----------------------------------------------------------------------------- the rows
 def train_rows(args, sides, log, record):
-    kinds = [kind for kind in ("train", "compact", "rankprune") if kind in args.rows.split(",")]
+    kinds = [kind for kind in ("train", "compact", "rankprune", "loraprune") if kind in args.rows.split(",")]
     for shape in args.shapes.split(","):
         hf = hf_config(shape, args.model)
         widest = min(hf["num_key_value_heads"] * hf.get("head_dim", 64), hf["hidden_size"])
@@ -318,7 +321,8 @@ def train_rows(args, sides, log, record):
                     continue
                 for loss, mode in itertools.product(args.loss.split(","), args.mode.split(",")):
                     how = (args, shape, dtype_name, DTYPES[dtype_name], B, r, loss, mode, hf["vocab_size"])
-                    record(rank_pruning_row(*how) if kind == "rankprune" else train_row(*how, kind, sides, log, record))
+                    record(rank_pruning_row(*how) if kind == "rankprune" else loraprune_row(*how) if kind == "loraprune"
+                           else train_row(*how, kind, sides, log, record))
 
 
 def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sides, log, record):
@@ -392,6 +396,37 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
                 events=len(events), ranks_after=sorted(set(active_ranks(lora_modules(model)).values())))
 
 
+def loraprune_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, every=10):
+    """LoRAPrune's own cost: the importance update after every backward (loraprune_update: each base weight's
+    gradient estimated from its adapter's, times the weight, squared and summed per head and channel) and, every
+    `every` steps, a masking step (loraprune_step at mid-schedule: the update, the plan and the masks of 20%
+    sparsity); overhead = (update + (masking - update) / every) / step."""
+    x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
+    step, model, _ = training_step("ours", shape, dtype, args.device, args.model, r, x, y, labels, mode == "compile")
+    add_masks(model)
+    step()  # AdamW's state, then one more backward: gradients for the updates, kept aside (steps clear .grad)
+    model(x, y)[1].backward()
+    grads = [(p, p.grad) for p in lora_parameters(model)]
+    average = {}
+
+    def with_grads(fn):
+        for p, g in grads:
+            p.grad = g
+        average["now"] = fn(average.get("now"))
+        for p, _ in grads:
+            p.grad = None
+
+    fns = dict(step=step, update=lambda: with_grads(lambda avg: loraprune_update(model, avg)),
+               masking=lambda: with_grads(lambda avg: loraprune_step(model, avg, 50 * every, 100 * every, 0.2, every)))
+    times = timed(fns, args.steps, args.repeats, args.warmup, args.device)
+    (step_ms, _), (update_ms, _), (masking_ms, _) = times["step"], times["update"], times["masking"]
+    sides = {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * args.seq / wall * 1000 if name == "step" else None)
+             for name, (wall, cpu) in times.items()}
+    return dict(kind="loraprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r, loss=loss, mode=mode,
+                every=every, overhead=(update_ms + (masking_ms - update_ms) / every) / step_ms, sides=sides,
+                masked_params=masked_params(model))
+
+
 def inference_rows(args, sides, record):
     device = args.device
     for shape in args.shapes.split(","):
@@ -439,7 +474,9 @@ def format_row(row):
             "compact": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}",
             "prefill": "", "decode": "per new token",
             "rankprune": f"r0={row.get('r')} loss={row.get('loss')} {row.get('mode')}, K1={row.get('k1')}: "
-                         f"PrunedLoRA adds {100 * row.get('overhead', 0):.1f}% to training"}[row["kind"]]
+                         f"PrunedLoRA adds {100 * row.get('overhead', 0):.1f}% to training",
+            "loraprune": f"r={row.get('r')} loss={row.get('loss')} {row.get('mode')}, masks every {row.get('every')}: "
+                         f"LoRAPrune adds {100 * row.get('overhead', 0):.1f}% to training"}[row["kind"]]
     lines = [f"\n{row['kind']} | {row['shape']} {row['dtype']} B={row['B']} T={row['T']} {what}"]
     ref = row["sides"].get("ours")
     for name, e in row["sides"].items():

@@ -766,8 +766,8 @@ def set_widths(cfg, kv_maps, widths):
 def effective_weight(module):
     """W0 + s B A: the weight a plain or (unmerged) LoRA linear layer applies, in float32."""
     w = module.weight.float()
-    if isinstance(module, LoRALinear) and not module.merged:
-        w = w + module.delta_weight()
+    if isinstance(module, LoRALinear) and not module.merged:  # one pass over W: W0 + s (B diag(mask)) A
+        w = torch.addmm(w, (module.lora_B * module.rank_mask).float(), module.lora_A.float(), alpha=module.scale)
     return w
 
 
@@ -873,7 +873,8 @@ def loraprune_grad_estimate(module):
     if not isinstance(module, LoRALinear) or module.lora_A.grad is None or module.lora_B.grad is None:
         return None
     A, B, gA, gB = module.lora_A.float(), module.lora_B.float(), module.lora_A.grad.float(), module.lora_B.grad.float()
-    return module.scale * (gB @ A + B @ gA - gB @ gA)  # LoRAPrune: G_W ~ s (G_B A + B G_A - G_B G_A)
+    # LoRAPrune: G_W ~ s (G_B A + B G_A - G_B G_A) = s [G_B, B - G_B] [A; G_A], one product of inner size 2r
+    return (module.scale * torch.cat([gB, B - gB], 1)) @ torch.cat([A, gA], 0)
 
 
 @torch.no_grad()
@@ -886,7 +887,7 @@ def loraprune_update(model, average=None, beta=0.9):
 
     def element(module):
         grad_w = loraprune_grad_estimate(module)
-        return None if grad_w is None else (grad_w * effective_weight(module)) ** 2  # LoRAPrune: (G_W * W)^2
+        return None if grad_w is None else grad_w.mul_(effective_weight(module)).square_()  # LoRAPrune: (G_W * W)^2
     now = group_sums(model, element)
     if average is None:
         return now

@@ -57,6 +57,14 @@ def test_rank_pruning_row_times_real_events(model_dir):
     assert row["events"] == 3 and row["ranks_after"] == [10]
 
 
+def test_loraprune_row_times_real_masking(model_dir):
+    args = bench.parse_args(["--device", "cpu", "--model", str(model_dir), "--seq", "32", "--steps", "1",
+                             "--repeats", "1", "--warmup", "0"])
+    row = bench.loraprune_row(args, "default", "float32", torch.float32, 1, 8, "masked", "eager", 49152)
+    # mid-schedule of 20%: some heads and channels are masked, and the update was timed apart from it
+    assert row["masked_params"] > 0 and row["sides"]["update"]["ms"] > 0 and row["overhead"] > 0
+
+
 def test_a_run_cut_short_keeps_its_times(model_dir, tmp_path, monkeypatch):
     def cut(spec):  # as a time limit stopping the run while a side's memory is measured
         raise KeyboardInterrupt

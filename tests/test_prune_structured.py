@@ -206,6 +206,9 @@ def test_loraprune_estimate_is_the_change_of_BA_after_one_sgd_step():
     estimates = {n: prune.loraprune_grad_estimate(m) for n, m in mods.items()}
     # the group score: (G_W * (W0 + s B A))^2 summed over a channel's gate row, up row and down column
     mlp = {n: mods[f"model.layers.0.mlp.{n}"] for n in ("gate_proj", "up_proj", "down_proj")}
+    mlp["up_proj"].rank_mask[1] = 0.0  # a pruned rank component does not count in the weight
+    for m in mlp.values():  # the weight the layer applies, as lora.py computes it
+        torch.testing.assert_close(prune.effective_weight(m), m.weight + m.delta_weight(), rtol=1e-6, atol=1e-7)
     imp = {n: (estimates[f"model.layers.0.mlp.{n}"] * prune.effective_weight(m)) ** 2 for n, m in mlp.items()}
     expected = imp["gate_proj"].sum(1) + imp["up_proj"].sum(1) + imp["down_proj"].sum(0)
     torch.testing.assert_close(prune.loraprune_update(model)[0]["channels"], expected, rtol=1e-5, atol=0)
