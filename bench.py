@@ -357,6 +357,29 @@ def train_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, kind, sid
     return row
 
 
+def with_gradients_aside(model, step, x, y):
+    """For the rows that time what runs after a backward: one step (AdamW's state), one more backward whose
+    gradients are kept aside (steps clear .grad), and a function run(fn) calling fn with them in .grad."""
+    step()
+    model(x, y)[1].backward()
+    grads = [(p, p.grad) for p in lora_parameters(model)]
+
+    def run(fn):
+        for p, g in grads:
+            p.grad = g
+        out = fn()
+        for p, _ in grads:
+            p.grad = None
+        return out
+    return run
+
+
+def overhead_sides(times, B, T):
+    """The JSON's sides of an overhead row: the step (with tokens/s) and what it is compared with."""
+    return {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * T / wall * 1000 if name == "step" else None)
+            for name, (wall, cpu) in times.items()}
+
+
 def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     """PrunedLoRA's own cost on top of the training step, at its start rank r0 (the most it costs): the
     statistics taken after every backward (accumulate_fisher: two r0 x r0 Gram matrices per adapter) and, every
@@ -366,19 +389,13 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
     step, model, opt = training_step("ours", shape, dtype, args.device, args.model, r0, x, y, labels,
                                      mode == "compile")
-    step()  # AdamW's state, then one more backward: gradients to take statistics of, kept aside (steps clear .grad)
-    model(x, y)[1].backward()
-    grads = [(p, p.grad) for p in lora_parameters(model)]
+    with_grads = with_gradients_aside(model, step, x, y)
     cfg = dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
     running, state = rank_prune_state(), rank_prune_state()  # sums as between events (the fisher column); events'
     steps, events = itertools.count(args.k1, args.k1), []
 
     def fisher(into):  # the statistics of one step, from the gradients kept aside
-        for p, g in grads:
-            p.grad = g
-        accumulate_fisher(model, into)
-        for p, _ in grads:
-            p.grad = None
+        with_grads(lambda: accumulate_fisher(model, into))
 
     def event():  # a pruning event, after the one step of statistics it needs
         fisher(state)
@@ -389,10 +406,9 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     if not all(events):
         raise RuntimeError(f"rank pruning row: only {sum(events)} of {len(events)} calls were events (r0 {r0} too low)")
     (step_ms, _), (fisher_ms, _), (event_ms, _) = times["step"], times["fisher"], times["event"]
-    sides = {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * args.seq / wall * 1000 if name == "step" else None)
-             for name, (wall, cpu) in times.items()}
     return dict(kind="rankprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r0, loss=loss, mode=mode,
-                k1=args.k1, overhead=(fisher_ms + (event_ms - fisher_ms) / args.k1) / step_ms, sides=sides,
+                k1=args.k1, overhead=(fisher_ms + (event_ms - fisher_ms) / args.k1) / step_ms,
+                sides=overhead_sides(times, B, args.seq),
                 events=len(events), ranks_after=sorted(set(active_ranks(lora_modules(model)).values())))
 
 
@@ -404,27 +420,18 @@ def loraprune_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, every
     x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
     step, model, _ = training_step("ours", shape, dtype, args.device, args.model, r, x, y, labels, mode == "compile")
     add_masks(model)
-    step()  # AdamW's state, then one more backward: gradients for the updates, kept aside (steps clear .grad)
-    model(x, y)[1].backward()
-    grads = [(p, p.grad) for p in lora_parameters(model)]
-    average = {}
+    with_grads, average = with_gradients_aside(model, step, x, y), {}
 
-    def with_grads(fn):
-        for p, g in grads:
-            p.grad = g
-        average["now"] = fn(average.get("now"))
-        for p, _ in grads:
-            p.grad = None
+    def update(fn):  # fn(average) -> the new importance average, from the gradients kept aside
+        average["now"] = with_grads(lambda: fn(average.get("now")))
 
-    fns = dict(step=step, update=lambda: with_grads(lambda avg: loraprune_update(model, avg)),
-               masking=lambda: with_grads(lambda avg: loraprune_step(model, avg, 50 * every, 100 * every, 0.2, every)))
+    fns = dict(step=step, update=lambda: update(lambda avg: loraprune_update(model, avg)),
+               masking=lambda: update(lambda avg: loraprune_step(model, avg, 50 * every, 100 * every, 0.2, every)))
     times = timed(fns, args.steps, args.repeats, args.warmup, args.device)
     (step_ms, _), (update_ms, _), (masking_ms, _) = times["step"], times["update"], times["masking"]
-    sides = {name: dict(ms=wall, cpu_ms=cpu, tokens_per_s=B * args.seq / wall * 1000 if name == "step" else None)
-             for name, (wall, cpu) in times.items()}
     return dict(kind="loraprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r, loss=loss, mode=mode,
-                every=every, overhead=(update_ms + (masking_ms - update_ms) / every) / step_ms, sides=sides,
-                masked_params=masked_params(model))
+                every=every, overhead=(update_ms + (masking_ms - update_ms) / every) / step_ms,
+                sides=overhead_sides(times, B, args.seq), masked_params=masked_params(model))
 
 
 def inference_rows(args, sides, record):
