@@ -485,4 +485,7 @@ if master and not eval_only:
         save_merged(raw_model, Path(out_dir) / 'merged', dtype=torch.bfloat16, tokenizer_from=model_dir)
         say(f"saved the merged model to {out_dir}/merged")
 if ddp:
+    # the DDP wrapper holds the process group: left to interpreter shutdown, gloo's threads were torn down late and
+    # a process that finished before the others (rank 0 still writing files) sometimes aborted (SIGABRT)
+    del model
     dist.destroy_process_group()
