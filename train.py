@@ -263,7 +263,7 @@ optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), we
 batch_gen = torch.Generator().manual_seed(seed)  # draws the training batches; its state is checkpointed
 torch.manual_seed(seed + rank)                   # dropout differs between processes, like their data
 iter_num, best_val_loss, struct_average = 0, 1e9, None  # struct_average: LoRAPrune's importance average
-rank_state = rank_prune_state(rank_seed) if rank_prune else None  # PrunedLoRA's statistics since the last event
+rank_state = rank_prune_state(rank_seed, rank_recovery_side) if rank_prune else None  # statistics since the last event
 
 
 def to_device(x):  # the rank-pruning statistics of a checkpoint (loaded on the CPU) back onto the device
@@ -277,7 +277,7 @@ if checkpoint is not None:
     struct_average = checkpoint.get('struct_average')
     if rank_prune and checkpoint.get('rank_state'):
         saved = checkpoint['rank_state']
-        rank_state = to_device(saved) | {'generator': torch.Generator().set_state(saved['generator'])}
+        rank_state |= to_device(saved) | {'generator': torch.Generator().set_state(saved['generator'])}
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     batch_gen.set_state(checkpoint['rng']['batches'])
     rng = checkpoint['rng']['torch'][rank if len(checkpoint['rng']['torch']) == world_size else 0]

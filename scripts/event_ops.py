@@ -1,7 +1,7 @@
-"""One PrunedLoRA pruning event of the default model, with the adapters stacked per group (as on a GPU) and one at a
-time (as on a CPU): the torch calls it makes and the reads that wait for a result (on a GPU each call is a kernel
-launch or more and each read waits for the queue, so these counts are what an event costs there beyond its
-arithmetic), and its wall time here. Runs on the CPU.
+"""One PrunedLoRA pruning event of the default model, with the adapters stacked per group (as on a GPU) and as on a
+CPU (one adapter at a time, the masks by group): the torch calls it makes and the reads that wait for a result (on a
+GPU each call is a kernel launch or more and each read waits for the queue, so these counts are what an event costs
+there beyond its arithmetic), and its wall time here. Runs on the CPU.
     python scripts/event_ops.py [--rank0 64] [--events 5] [--model models/smollm2-135m-instruct]
 """
 import argparse
@@ -59,14 +59,15 @@ def main():
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     steps = itertools.count(1)
     original = prune.adapter_groups
-    for stack in (True, False):
-        with mock.patch.object(prune, "adapter_groups", lambda mods, **_: original(mods, stack=stack)):
+    as_on_a_gpu = mock.patch.object(prune, "adapter_groups", lambda mods, **_: original(mods, stack=True))
+    for way, patch in (("stacked per group, as on a GPU", as_on_a_gpu), ("as on a CPU", contextlib.nullcontext())):
+        with patch:
             state = prune.rank_prune_state()
             _, prof = event(model, optimizer, state, next(steps), profile=True)
             seconds = [event(model, optimizer, state, next(steps))[0] for _ in range(args.events)]
         calls, reads = counts(prof)
-        print(f"{'stacked per group' if stack else 'one adapter at a time'}: {calls} torch calls (views not counted), "
-              f"{reads} reads of a result; median {statistics.median(seconds):.2f} s per event over {args.events}")
+        print(f"{way}: {calls} torch calls (views not counted), {reads} reads of a result; "
+              f"median {statistics.median(seconds):.2f} s per event over {args.events}")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def test_trust_region_bounds_survivors_and_zeroes_the_pruned():
     assert (survivors.norm(dim=1) > 0.5 * tau * W.norm(dim=1)).all()  # the large Newton step was clipped, not dropped
 
 
-@pytest.mark.parametrize("eta,tau,recovery", [(0.0, 0.0, True), (1.0, 0.0, True), (0.3, 0.05, True), (1.0, 1.0, True),
-                                                (0.0, 0.1, False)])
+@pytest.mark.parametrize("eta,tau,recovery", [(0.0, 0.0, True), (0.0, 0.1, True), (1.0, 0.0, True), (0.3, 0.05, True),
+                                                (1.0, 1.0, True), (0.0, 0.1, False)])
 def test_closed_form_score_of_record_equals_the_value_of_the_explicit_update(eta, tau, recovery):
     """removal_values (the score of record, without forming the updates) == quadratic_change of
     obs_updates for each single component, trust region and Newton share included."""
@@ -170,7 +170,7 @@ def test_an_adapter_group_scores_and_recovers_as_its_adapters_alone(method):
     also when they have lost different components."""
     model = lora_tiny()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    state = rank_prune_state()
+    state = rank_prune_state(sides="AB")
     train(model, opt, state, 2)
     mods = lora_modules(model)
     groups = adapter_groups(mods)
@@ -219,7 +219,7 @@ def test_stacked_events_equal_events_one_adapter_at_a_time(allocation, monkeypat
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         cfg = dict(rank_target=3, rank_every=2, rank_k=2, rank_start=1, rank_allocation=allocation, rank_floor=2,
                    rank_recovery_side="AB", rank_recovery_lr=0.3)
-        logs = train(model, opt, rank_prune_state(), rank_schedule_end(8, cfg), cfg, heldout=data(7))
+        logs = train(model, opt, rank_prune_state(sides="AB"), rank_schedule_end(8, cfg), cfg, heldout=data(7))
         runs.append((logs, lora_modules(model)))
     (logs, stacked), (logs_alone, alone) = runs
     assert len(logs) == len(logs_alone) == 3 and [log["ranks"] for log in logs] == [log["ranks"] for log in logs_alone]
@@ -230,9 +230,10 @@ def test_stacked_events_equal_events_one_adapter_at_a_time(allocation, monkeypat
     torch.testing.assert_close([log["predicted"] for log in logs], [log["predicted"] for log in logs_alone], rtol=1e-4, atol=1e-8)
 
 
-def test_accumulate_fisher_sees_each_micro_batch_gradient():
+@pytest.mark.parametrize("sides", ["B", "AB"])
+def test_accumulate_fisher_sees_each_micro_batch_gradient(sides):
     """With gradient accumulation (loss / 2 per micro-batch, .grad summed) the sums hold each micro-batch's
-    own gradient: compare with gradients computed one micro-batch at a time."""
+    own gradient: compare with gradients computed one micro-batch at a time. A's sums only when asked for."""
     model = lora_tiny()
     name = "model.layers.1.self_attn.v_proj"
     m = lora_modules(model)[name]
@@ -240,16 +241,33 @@ def test_accumulate_fisher_sees_each_micro_batch_gradient():
     for micro in range(2):
         model.zero_grad()
         model(*data(micro))[1].backward()
-        singles.append(m.lora_B.grad.clone())
+        singles.append((m.lora_B.grad.clone(), m.lora_A.grad.clone()))
     model.zero_grad(set_to_none=True)
-    state = rank_prune_state()
+    state = rank_prune_state(sides=sides)
     for micro in range(2):
         (model(*data(micro))[1] / 2).backward()
         accumulate_fisher(model, state, micro, loss_scale=2)
-    torch.testing.assert_close(state["grad_B"][name], singles[0] + singles[1])
-    torch.testing.assert_close(state["fisher_B"][name], sum(g.T @ g for g in singles))
+    torch.testing.assert_close(state["grad_B"][name], singles[0][0] + singles[1][0])
+    torch.testing.assert_close(state["fisher_B"][name], sum(gB.T @ gB for gB, _ in singles))
+    if sides == "AB":
+        torch.testing.assert_close(state["grad_A"][name], singles[0][1] + singles[1][1])
+        torch.testing.assert_close(state["fisher_A"][name], sum(gA @ gA.T for _, gA in singles))
+    else:
+        assert state["grad_A"] == {} and state["fisher_A"] == {}
     assert state["n_micro"] == 2
     torch.testing.assert_close(state["last_grad"][name][0], m.lora_B.grad)  # the step's gradient, this adapter's
+    torch.testing.assert_close(state["last_grad"][name][1], m.lora_A.grad)
+
+
+def test_recovery_on_A_without_its_statistics_says_so_before_any_change():
+    model = lora_tiny()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state = rank_prune_state()  # sides "B"
+    train(model, opt, state, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"rank_prune_state\(sides='AB'\)"):
+        rank_prune_step(model, opt, 2, dict(rank_every=2, rank_recovery_side="AB"), state)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_accumulate_fisher_before_a_backward_says_so():
