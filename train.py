@@ -277,7 +277,11 @@ if checkpoint is not None:
     struct_average = checkpoint.get('struct_average')
     if rank_prune and checkpoint.get('rank_state'):
         saved = checkpoint['rank_state']
-        rank_state |= to_device(saved) | {'generator': torch.Generator().set_state(saved['generator'])}
+        rank_state |= to_device(saved) | {'generator': torch.Generator().set_state(saved['generator']),
+                                          'sides': rank_state['sides']}
+        if not set(rank_state['sides']) <= set(saved.get('sides', 'AB')):  # rank_recovery_side='AB' from here on
+            say(f"rank_recovery_side={rank_recovery_side!r}: the checkpoint has no statistics of A; they start here")
+            reset_statistics(rank_state)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     batch_gen.set_state(checkpoint['rng']['batches'])
     rng = checkpoint['rng']['torch'][rank if len(checkpoint['rng']['torch']) == world_size else 0]

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model folder and tiny random token bins (never data/ or models/):
 the loss mask, exact resume after SIGKILL, DDP == one process, configurator errors."""
 import json
+import math
 import os
 import re
 import signal
@@ -165,6 +166,18 @@ def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path,
     tiny_model(seed=0, hidden_size=16).save_pretrained(other, dtype=torch.float32)
     r = train(base_args(other, tiny_data, killed, init_from="resume"), check=False)
     assert r.returncode != 0 and "was made for the model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_may_move_A_too(tiny_dir, tiny_data, tmp_path):
+    """A run that compensated on B alone, resumed with rank_recovery_side='AB': the checkpoint has no statistics of
+    A (they are kept only when used), so they start at the resume and the events go on."""
+    out = tmp_path / "out"
+    common = dict(eval_interval=3, always_save_checkpoint=True, **RANK_PRUNING)
+    train(base_args(tiny_dir, tiny_data, out, max_iters=6, **common))
+    r = train(base_args(tiny_dir, tiny_data, out, max_iters=10, init_from="resume", rank_recovery_side="AB", **common))
+    assert "no statistics of A; they start here" in r.stdout
+    events = [json.loads(line) for line in (out / "rank_pruning.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [7, 9] and all(math.isfinite(e["predicted"]) for e in events)
 
 
 # ----------------------------------------------------------------------------- DDP == one process
