@@ -273,6 +273,21 @@ def test_recovery_on_A_without_its_statistics_says_so_before_any_change():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_paper_recovery_on_A_takes_the_steps_gradient_not_sums_of_A():
+    """prunedlora_paper's curvature is the step's own gradient, which the state keeps for both factors: with
+    rank_recovery_side='AB' it prunes the same from a state without the sums of A as from one with them."""
+    cfg = dict(rank_every=2, rank_target=4, rank_method="prunedlora_paper", rank_recovery_side="AB")
+    runs = []
+    for sides in ("B", "AB"):
+        model = lora_tiny()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        logs = train(model, opt, rank_prune_state(sides=sides), 2, cfg)
+        runs.append((logs, [p.detach().clone() for p in model.parameters()]))
+    (logs_b, params_b), (logs_ab, params_ab) = runs
+    assert len(logs_b) == 1 and logs_b[0]["pruned"] > 0 and logs_b[0]["ranks"] == logs_ab[0]["ranks"]
+    assert all(torch.equal(p, q) for p, q in zip(params_b, params_ab))
+
+
 def test_accumulate_fisher_before_a_backward_says_so():
     with pytest.raises(ValueError, match="after the micro-batch's backward"):
         accumulate_fisher(lora_tiny(), rank_prune_state())
