@@ -62,15 +62,15 @@ def sync(device):
 
 
 def timed_generate(model, idx, device, **kw):
-    """model.generate, timing each forward call: the first is the prefill of the whole prompt, every
-    later one decodes a single token. Returns (ids, prefill seconds, decode seconds, decode steps)."""
+    """model.generate, timing each step by its output layer's call: the first ends the prefill of the whole
+    prompt, every later one decodes a single token. Returns (ids, prefill seconds, decode seconds, decode steps)."""
     stamps = []
 
     def stamp(*_):  # a forward hook must return None (anything else replaces the output)
         sync(device)
         stamps.append(time.perf_counter())
 
-    hook = model.register_forward_hook(stamp)
+    hook = model.lm_head.register_forward_hook(stamp)
     sync(device)
     t0 = time.perf_counter()
     try:
