@@ -30,14 +30,15 @@ def checked(config, key, value, where):
     if expected is tuple and isinstance(value, (list, str)):
         return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
     fail(f"{where}: {key}={value!r} has type {type(value).__name__}, expected type {expected.__name__} "
-         f"(the default is {default!r})")
+         f"(like {default!r})")
 
 
 def configure(config, argv):
     """Apply config files and --key=value arguments to the dict `config` (a script's globals()), checking
     keys and types against the defaults. Returns the set of keys that were set."""
-    defaults = {k: v for k, v in config.items()
-                if not k.startswith("_") and (v is None or isinstance(v, (int, float, bool, str, tuple)))}
+    defaults = {k: v for k, v in config.items()  # constants (upper case) are not settings
+                if not k.startswith("_") and not k.isupper()
+                and (v is None or isinstance(v, (int, float, bool, str, tuple)))}
     overridden = set()
     for arg in argv:
         if not arg.startswith("--"):

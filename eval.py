@@ -304,8 +304,11 @@ def perplexity(model, tok, docs, token_text, args):
                                 f"LLM-Pruner, '\\n\\n'-joined text, non-overlapping {args.ppl_ctx}-token windows"}
 
 
+TEST_FILES = {"wikitext2": "wikitext2/wiki.test.raw", "ptb": "ptb/ptb.test.txt", "gsm8k": "gsm8k/test.jsonl"}
+
+
 def eval_wikitext2(model, tok, args):
-    raw = (args.data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    raw = (args.data / TEST_FILES["wikitext2"]).read_text(encoding="utf-8")
     pages = wikitext_pages(raw)[:args.limit]
     rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]  # Hugging Face's rows
     return perplexity(model, tok, [(wikitext_detokenizer(p), p) for p in pages], "\n\n".join(rows), args)
@@ -313,7 +316,7 @@ def eval_wikitext2(model, tok, args):
 
 def eval_ptb(model, tok, args):
     """PTB: the whole test file is one document for the rolling numbers (--limit: its first N lines)."""
-    lines = (args.data / "ptb" / "ptb.test.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    lines = (args.data / TEST_FILES["ptb"]).read_text(encoding="utf-8").split("\n")[:-1]
     doc = "\n".join(lines[:args.limit]) + "\n"
     return perplexity(model, tok, [(doc, doc)], "\n\n".join(line.strip() for line in lines), args)
 
@@ -387,7 +390,7 @@ def greedy_until(model, tok, prompts, max_new_tokens, stop_strings=()):
 def eval_gsm8k(model, tok, args):
     """fewshot: lm-eval's gsm8k (first 5 train examples as exemplars, "Question: …\\nAnswer:", stop at
     "Question:"); chat: zero-shot, the question as the user turn of the chat format (fine-tuned models)."""
-    test = read_jsonl(args.data / "gsm8k" / "test.jsonl")[:args.limit]
+    test = read_jsonl(args.data / TEST_FILES["gsm8k"])[:args.limit]
     shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"
                     for r in read_jsonl(args.data / "gsm8k" / "train.jsonl")[:5])
     if args.gsm8k_mode == "fewshot":
@@ -465,7 +468,27 @@ def main():
     unknown = [n for n in names if n not in ["wikitext2", "ptb", "gsm8k", *MC_TASKS]]
     if unknown:
         p.error(f"unknown task(s) {unknown}; known: wikitext2, ptb, gsm8k, {', '.join(MC_TASKS)}, zeroshot")
-    model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
+    for flag, value, least in (("limit", args.limit, 1), ("batch_size", args.batch_size, 1),
+                               ("ppl_ctx", args.ppl_ctx, 2), ("max_length", args.max_length, 2),
+                               ("ppl_windows", args.ppl_windows, 0), ("max_new_tokens", args.max_new_tokens, 1)):
+        if value is not None and value < least:
+            p.error(f"--{flag} must be at least {least}, got {value}")
+    for flag, path in (("output", args.output), ("samples", args.samples)):
+        if path and Path(path).is_dir():
+            p.error(f"--{flag} {path}: a folder is there; give a file name")
+    if args.use_cache and Path(args.use_cache).exists() and not Path(args.use_cache).is_dir():
+        p.error(f"--use_cache {args.use_cache}: a file is there; give a folder")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device (this torch sees none)")
+    try:
+        model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
+        for name in names:  # the data of every task, before the slow work
+            if name in LOADERS:
+                LOADERS[name](args.data)
+            elif not (args.data / TEST_FILES[name]).exists():
+                raise FileNotFoundError(f"{name}: no {args.data / TEST_FILES[name]} (--data {args.data})")
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     out = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "limit": args.limit,
            "ppl_windows": args.ppl_windows, "tasks": {}}
     print(f"{'task':<14} {'metric':<18} {'value':>10} {'stderr':>8} {'rows':>6} {'seconds':>8}")

@@ -983,9 +983,24 @@ def token_batches(source, n_tokens, seq_len=256, batch_size=8, seed=0, split="tr
     return list(windows.split(batch_size))
 
 
+def check_out(out, source_dir):
+    """Refuse an output folder whose replacement would lose something: anything but a missing or empty folder
+    or an earlier result of save_pruned (it holds pruning.json), and the source model or a folder around it."""
+    out, source = Path(out), Path(source_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there, not a folder")
+    if out.resolve() in (source.resolve(), *source.resolve().parents, Path.cwd(), *Path.cwd().parents):
+        raise ValueError(f"--out {out}: it is (or holds) the source model {source} or the current folder; "
+                         f"choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "pruning.json").exists():
+        raise ValueError(f"--out {out}: the folder exists and is not an earlier pruned model (no pruning.json); "
+                         f"choose a new folder or empty it")
+
+
 def save_pruned(model, out, source_dir, info, dtype=torch.bfloat16):
     """Write a model folder atomically (a temporary folder renamed into place), with the source's tokenizer files
-    and `pruning.json` (how it was made)."""
+    and `pruning.json` (how it was made). An earlier pruned model at `out` is replaced; check_out refuses the rest."""
+    check_out(out, source_dir)
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1014,7 +1029,7 @@ def main(argv=None):
     p.add_argument("--keep_layers", default=None, help="comma-separated layers kept whole (default: first 10%% + last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--out", required=True, help="output model folder (replaced if it exists)")
+    p.add_argument("--out", required=True, help="output model folder: new, empty or an earlier pruned model (replaced)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:  # everything that can be wrong with the arguments fails here, before the slow work, without a traceback
@@ -1023,6 +1038,7 @@ def main(argv=None):
         plan, planned = prune_plan(model, args.sparsity, kept, args.whole_groups)
         batches = token_batches(args.calib, args.calib_tokens, args.seq_len, seed=args.seed) \
             if args.method in ("wanda", "llm_pruner") else None
+        check_out(args.out, args.model)
     except (ValueError, OSError) as e:
         p.error(str(e))
     t0 = time.time()

@@ -37,6 +37,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be at least 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top_p must lie in (0, 1], got {args.top_p}")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device (this torch sees none)")
     return args
 
 

@@ -6,6 +6,7 @@ below, overridden by config files and --key=value (configurator.py).
     python train.py config/lora_gsm8k.py              # plain LoRA r=8
     python train.py config/lora_alpaca.py --learning_rate=1e-4
     python train.py --init_from=resume                # continue out_dir/ckpt.pt exactly where it stopped
+    python train.py --out_dir=out-2                   # another run: an out_dir that holds a run is not overwritten
     torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4   # DDP
 
 The base model is frozen; AdamW trains only the adapters (lora.py). Data are flat token streams
@@ -32,8 +33,8 @@ from checkpoint import atomic_open
 from configurator import configure
 from lora import apply_lora, lora_modules, save_adapter, save_merged
 from model import Transformer
-from prune import (RANK_DEFAULTS, STATISTICS, accumulate_fisher, average_over_processes, rank_prune_state,
-                   rank_prune_step, rank_schedule_end, reset_statistics, slice_adapters)
+from prune import (RANK_DEFAULTS, RANK_METHODS, STATISTICS, accumulate_fisher, average_over_processes,
+                   rank_prune_state, rank_prune_step, rank_schedule_end, reset_statistics, slice_adapters)
 from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan  # LoRAPrune (§2)
 
 # ----------------------------------------------------------------------------- default config
@@ -93,7 +94,8 @@ gpu_peak_flops = 989e12   # bf16 dense peak of one GPU, for MFU (H100 SXM; A100:
 CUDA_DEFAULTS = dict(block_size=512, batch_size=16, max_iters=1000, eval_interval=100, eval_iters=20, compile=True,
                      rank_every=10, rank_start=30)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()  # the settings: lower-case globals of plain types
+               if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str, tuple))]
 overridden = configure(globals(), sys.argv[1:])
 
 # ----------------------------------------------------------------------------- devices, DDP, precision
@@ -101,6 +103,9 @@ ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device != 'cpu' and not (device_type == 'cuda' and torch.cuda.is_available()):
+    sys.exit(f"config error: device={device!r}, expected 'auto', 'cpu' or 'cuda[:N]'"
+             + (" (this torch sees no CUDA device)" if device_type == 'cuda' else ''))
 if device_type == 'cuda':
     globals().update({k: v for k, v in CUDA_DEFAULTS.items() if k not in overridden})
 if dtype == 'auto':  # on a 2-core CPU with AVX512-BF16 a LoRA step ran ~1.7x faster in bf16 than in float32
@@ -170,13 +175,28 @@ if init_from == 'resume':
         model_dir = checkpoint['model_dir']
     for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'):  # the adapter's shape is the checkpoint's
         globals()[k] = config[k] = checkpoint['config'][k]
-    for k in ('rank_prune', *RANK_DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups'):
+    for k in ('rank_prune', *RANK_DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups',
+              'dataset', 'data_dir'):
         if k not in overridden and k in checkpoint['config']:  # the run goes on as it was started
             globals()[k] = config[k] = checkpoint['config'][k]
     say(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
 elif init_from != 'pretrained':
     sys.exit(f"config error: init_from={init_from!r}, expected 'pretrained' or 'resume'")
+elif not eval_only and (Path(out_dir) / 'ckpt.pt').exists():  # nothing of the user's is overwritten
+    sys.exit(f"out_dir={out_dir!r} holds a run (ckpt.pt): continue it with --init_from=resume, or choose another "
+             f"out_dir (or delete that one)")
 config['model_dir'] = model_dir
+for key, ok, expected in (  # settings that would fail deep inside the run (or worse, not fail) are refused here
+        *((k, globals()[k] >= 1, 'at least 1') for k in ('block_size', 'batch_size', 'gradient_accumulation_steps',
+                                                        'eval_interval', 'eval_iters', 'log_interval', 'rank_every',
+                                                        'rank_k', 'rank_target', 'struct_every')),
+        ('max_iters', max_iters >= (0 if eval_only else 1), 'at least 1'),
+        ('rank_method', rank_method in RANK_METHODS, f'one of {RANK_METHODS}'),
+        ('rank_allocation', rank_allocation in ('uniform', 'global'), "'uniform' or 'global'"),
+        ('rank_recovery_side', rank_recovery_side in ('B', 'AB'), "'B' or 'AB'"),
+        ('lora_targets', len(lora_targets) > 0, 'at least one projection')):
+    if not ok:
+        sys.exit(f"config error: {key}={globals()[key]!r}, expected {expected}")
 if rank_prune and lora_r <= rank_target:
     sys.exit(f"config error: rank_prune=True prunes the adapters from lora_r={lora_r} down to "
              f"rank_target={rank_target}, so lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
@@ -308,18 +328,19 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss of each split over eval_iters batches: the same batches at every evaluation."""
+    """Mean loss of each split over eval_iters batches: the same batches at every evaluation. A batch with no
+    counted token (instruction data: windows without a response) has no loss and is left out (NaN if all are)."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         generator = torch.Generator().manual_seed(seed + 1)
-        losses = torch.zeros(eval_iters)
+        losses = []
         for k in range(eval_iters):
             x, y = get_batch(split, batch_size, generator)
             with ctx:
                 _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            losses += [loss.item()] if (y >= 0).any() else []
+        out[split] = sum(losses) / len(losses) if losses else math.nan
     model.train()
     return out
 
@@ -389,7 +410,7 @@ if rank_prune:  # a fixed held-out batch measures each pruning event's actual lo
     if rank_schedule_end(lora_r, rank_cfg) > max_iters:
         say(f"warning: the rank schedule ends at iter {rank_schedule_end(lora_r, rank_cfg)}, after max_iters={max_iters}")
     events_log = Path(out_dir) / 'rank_pruning.jsonl'
-    if master:  # a new run starts a new log; a resumed one forgets the events after its checkpoint
+    if master and not eval_only:  # a new run starts a new log; a resumed one forgets the events after its checkpoint
         kept = [line for line in events_log.read_text().splitlines() if logged_step(line) <= iter_num] \
             if init_from == 'resume' and events_log.exists() else []
         with atomic_open(events_log, 'w') as f:

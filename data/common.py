@@ -36,8 +36,23 @@ def parse_args(doc, script, folder, argv=None):
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder whose tokenizer.json to use")
     p.add_argument("--out", type=Path, default=Path(script).resolve().parent, help="where the outputs go")
     args = p.parse_args(argv)
-    args.t0 = time.time()
+    args.t0, args.dataset = time.time(), Path(script).resolve().parent.name  # data/<dataset>/prepare.py
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: a file is there, not a folder")
+    try:
+        check_out(args)
+    except SystemExit as e:
+        p.error(str(e))
     return args
+
+
+def check_out(args):
+    """The outputs replace an earlier preparation of the same data set only, never another data set's."""
+    meta = Path(args.out) / "meta.json"
+    other = json.loads(meta.read_text()).get("dataset", args.dataset) if meta.exists() else args.dataset
+    if other != args.dataset:
+        raise SystemExit(f"--out {args.out}: it holds the data set {other!r}; "
+                         f"choose another folder for {args.dataset!r}")
 
 
 def shown(path):
@@ -152,10 +167,11 @@ def write_outputs(args, tok, splits, source):
     for split, examples in splits.items():
         if not examples:
             raise SystemExit(f"{source}: no examples for the {split} split")
+    check_out(args)  # again: another preparation may have written there meanwhile
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # until rewritten, the folder is not a finished dataset
     meta = dict(dtype=np.dtype(dtype).name, vocab_size=tok.n_vocab, masked=masked, tokenizer=shown(args.model),
-                splits={}, examples={}, source=shown(source))
+                splits={}, examples={}, source=shown(source), dataset=args.dataset)
     for split, examples in splits.items():
         ids = np.fromiter(chain.from_iterable(e[0] if masked else e for e in examples), dtype=dtype)
         with atomic_open(out / f"{split}.bin", "wb") as f:

@@ -202,6 +202,10 @@ def recover(model, cfg, stage, val, dense, used, ctx, log):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def output_name(cfg):
+    return f"lorashear{'' if cfg.variant == 'ramp' else '_' + cfg.variant}-{cfg.sparsity:g}"  # ramp: the default
+
+
 def run(cfg):
     t0, lines = time.time(), []
 
@@ -223,7 +227,7 @@ def run(cfg):
     kda_sources = [Source(name, "val", masked, cfg.seq_len, 2000 + i) for i, (name, masked) in enumerate(stage1)]
     kda_batches = [kda_sources[i % len(kda_sources)].batch(cfg.batch_size, cfg.device) for i in range(cfg.kda_batches)]
     with ctx:
-        kda = prune.knowledge_distribution(model, kda_batches, [float(r) for r in cfg.kda_ratios.split(",")], cfg.gamma)
+        kda = prune.knowledge_distribution(model, kda_batches, cfg.kda_ratios, cfg.gamma)
     log(f"knowledge distribution: {len(kda['nodes'])} node groups, unprunable {kda['unprunable']}")
     plan, planned = prune.lorashear_plan(model, cfg.sparsity, kda["unprunable"])
 
@@ -244,7 +248,7 @@ def run(cfg):
     # 3. dynamic knowledge recovery
     rounds = {stage: recover(model, cfg, stage, val[stage], dense[stage], used, ctx, log) for stage in STAGES}
 
-    name = f"lorashear{'' if cfg.variant == 'ramp' else '_' + cfg.variant}-{cfg.sparsity:g}"  # ramp: the default
+    name = output_name(cfg)
     out, results = Path(cfg.out) / name, Path(cfg.results) / f"{name}.json"
     tokens = {stage: sum(v["tokens"] for v in per.values()) for stage, per in used.items()}
     info = dict(method="lorashear", variant=cfg.variant, target_sparsity=cfg.sparsity, planned_sparsity=planned,
@@ -292,6 +296,14 @@ def main(argv=None):
                 "lora_r"):
         if getattr(cfg, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.sparsity < 1:
+        p.error(f"--sparsity must lie in [0, 1), got {cfg.sparsity}")
+    try:  # what would fail after the slow work fails now
+        cfg.kda_ratios = [float(r) for r in cfg.kda_ratios.split(",")]
+        prune.check_out(cfg.out / output_name(cfg), cfg.model)
+    except ValueError as e:
+        bad_ratios = isinstance(cfg.kda_ratios, str)  # (still the text: it did not parse)
+        p.error(f"--kda_ratios {cfg.kda_ratios!r}: expected numbers separated by commas" if bad_ratios else str(e))
     cfg.model, cfg.out, cfg.results = str(cfg.model), str(cfg.out), str(cfg.results)
     run(cfg)
 

@@ -98,6 +98,8 @@ def rows(scale):
 
 def train_cmd(config, overrides, out_dir, scale, seed):
     settings = {**scale["train"], **overrides, "seed": 1337 + seed, "rank_seed": seed, "out_dir": out_dir}
+    if (Path(out_dir) / "ckpt.pt").exists():  # a run stopped before its result: it goes on from its checkpoint
+        settings["init_from"] = "resume"
     return [sys.executable, "train.py", f"config/{config}.py", *(f"--{k}={v}" for k, v in settings.items())]
 
 

@@ -58,7 +58,8 @@ def train_cmd(config, model_dir, out_dir, args, extra=()):
     out_dir/merged, an ordinary model folder."""
     return [sys.executable, "train.py", f"config/{config}.py", f"--model_dir={model_dir}", f"--out_dir={out_dir}",
             f"--max_iters={args.steps}", f"--batch_size={args.batch_size}", f"--block_size={args.block_size}",
-            f"--dataset={args.data}", *extra]
+            f"--dataset={args.data}", *extra,
+            *(["--init_from=resume"] if (Path(out_dir) / "ckpt.pt").exists() else [])]  # a run stopped before its end
 
 
 def run(cmd, done, dry_run):

@@ -205,7 +205,7 @@ def test_bad_model(tmp_path):
 
 def test_large_vocab_uses_uint32(tmp_path):
     tok = Namespace(n_vocab=70_000)
-    args = Namespace(out=tmp_path, model=tmp_path, t0=0.0)
+    args = Namespace(out=tmp_path, model=tmp_path, t0=0.0, dataset="big")
     meta = common.write_outputs(args, tok, {"train": [[69_999, 1]], "val": [[2]]}, tmp_path)
     assert meta["dtype"] == "uint32"
     assert np.fromfile(tmp_path / "train.bin", dtype=np.uint32).tolist() == [69_999, 1]

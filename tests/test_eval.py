@@ -387,3 +387,30 @@ def test_gsm8k_batches_by_length_and_keeps_the_row_order(tmp_path):
     alone = [E.greedy_until(model, tok, [shots + f"Question: {q}\nAnswer:"], 6, ["Question:"])[0] for q in questions]
     assert [s["text"] for s in res["samples"]] == alone and res["rows"] == 5 and len(set(alone)) > 1
     assert [s["doc_id"] for s in res["samples"]] == list(range(5))
+
+
+def test_cli_writes_what_a_plain_forward_gives(tmp_path, model_dir, model_fp32, tokenizer):
+    """`python eval.py ... --output`: its accuracies equal those of each choice's log-likelihood summed from
+    one plain forward over context + continuation, without eval.py's batching."""
+    import subprocess
+    import sys
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "eval.py", "--model", str(model_dir), "--tasks", "arc_easy", "--limit", "8",
+                          "--batch_size", "3", "--output", str(out)], cwd=E.Path(E.__file__).parent,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads(out.read_text())["tasks"]["arc_easy"]
+    acc, acc_norm = [], []
+    for it in E.LOADERS["arc_easy"](E.DATA)[:8]:
+        lls = []
+        for context, continuation in it["requests"]:
+            ctx, cont = E.encode_pair(tokenizer, context, continuation)
+            with torch.no_grad():
+                logits, _ = model_fp32(torch.tensor([ctx + cont]))
+            logp = logits[0, len(ctx) - 1:-1].log_softmax(-1)
+            lls.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+        acc.append(max(range(len(lls)), key=lambda i: lls[i]) == it["gold"])
+        acc_norm.append(max(range(len(lls)), key=lambda i: lls[i] / len(it["choices"][i])) == it["gold"])
+    assert res["rows"] == 8
+    assert res["acc"] == pytest.approx(sum(acc) / 8) and res["acc_norm"] == pytest.approx(sum(acc_norm) / 8)
+    assert re.search(rf"arc_easy +acc +{res['acc']:.4f} ", run.stdout), run.stdout

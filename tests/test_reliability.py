@@ -180,6 +180,19 @@ def prepare_empty(tmp):
     return "data/shakespeare/prepare.py", ["--src", tmp / "src", "--out", tmp / "out"]
 
 
+def prepare_into_other(tmp):
+    (user_files(tmp / "out", "train.bin") / "meta.json").write_text(json.dumps({"dataset": "gsm8k"}))
+    return "data/shakespeare/prepare.py", ["--out", tmp / "out"]
+
+
+def user_files(folder, *names):
+    """A folder holding files of the user's (their bytes: their names); the tests check they stay."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(name)
+    return folder
+
+
 LONG_PROMPT = "hello " * 70  # 140 tokens (hello, space): more than the tiny model's context of 64
 
 # id: (make(tmp, good model folder, good data folder, monkeypatch) -> (script, args), words the message must hold)
@@ -228,6 +241,16 @@ CASES = {
         lambda t, g, d, m: sample(copy_model(g, t, tokenizer=lambda tj: tj["model"].update(byte_fallback=True))),
         ["tokenizer.json", "SentencePiece", "only byte-level BPE"]),
     # prompts and token ids
+    "sample.py top_k 0": (lambda t, g, d, m: sample(g, "--top_k", 0), ["--top_k must be at least 1, got 0"]),
+    "sample.py top_p 5": (lambda t, g, d, m: sample(g, "--top_p", 5), ["--top_p must lie in (0, 1], got 5.0"]),
+    "eval.py limit 0": (lambda t, g, d, m: ("eval.py", ["--model", g, "--tasks", "boolq", "--limit", 0]),
+                        ["--limit must be at least 1, got 0"]),
+    "eval.py a folder that is no model": (lambda t, g, d, m: ("eval.py", ["--model", d, "--tasks", "boolq"]),
+                                          ["no config.json"]),
+    "eval.py --output a folder": (lambda t, g, d, m: ("eval.py", ["--model", g, "--output", user_files(t / "res")]),
+                                  ["--output", "a folder is there"]),
+    "eval.py data missing": (lambda t, g, d, m: ("eval.py", ["--model", g, "--tasks", "ptb", "--data", t]),
+                             ["ptb: no", "ptb.test.txt"]),
     "prompt longer than the context": (lambda t, g, d, m: sample(g, "--prompt", LONG_PROMPT),
                                        ["prompt of 140 tokens leaves no room", "context (64)"]),
     "data token ids outside the vocabulary": (
@@ -254,8 +277,25 @@ CASES = {
     "bad dtype value": (lambda t, g, d, m: train(t, g, d, dtype="float16"), ["dtype='float16'", "expected 'float32'"]),
     "rank pruning with nothing to prune": (lambda t, g, d, m: train(t, g, d, rank_prune=True, lora_r=4, rank_target=8),
                                            ["lora_r=4", "rank_target=8", "--rank_prune=False"]),
+    "batch_size 0": (lambda t, g, d, m: train(t, g, d, batch_size=0), ["batch_size=0", "expected at least 1"]),
+    "rank_every 0": (lambda t, g, d, m: train(t, g, d, rank_every=0), ["rank_every=0", "expected at least 1"]),
+    "misspelt rank_method": (lambda t, g, d, m: train(t, g, d, rank_method="prunedlora_papr"),
+                             ["rank_method='prunedlora_papr'", "one of", "prunedlora_paper"]),
+    "device gpu": (lambda t, g, d, m: train(t, g, d, device="gpu"), ["device='gpu'", "'cpu' or 'cuda[:N]'"]),
+    # outputs that hold something of the user's
+    "train.py into an out_dir holding a run": (lambda t, g, d, m: user_files(t / "out", "ckpt.pt") and train(t, g, d),
+                                               ["out_dir=", "holds a run", "--init_from=resume"]),
+    "prune.py --out a folder of the user's": (
+        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--out", user_files(t / "mine", "notes.txt")),
+        ["--out", "mine", "not an earlier pruned model"]),
+    "prune.py --out the source model": (
+        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out", t / "model"), ["--out", "source model"]),
+    "prune.py --out the folder around the source": (
+        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out", t), ["--out", "source model"]),
     # data files
     "prepare: source missing": (lambda t, g, d, m: prepare_missing(t), ["nowhere", "not found", "input.txt", "--src"]),
+    "prepare: --out another data set's folder": (lambda t, g, d, m: prepare_into_other(t),
+                                                 ["--out", "holds the data set 'gsm8k'", "'shakespeare'"]),
     "prepare: source empty": (lambda t, g, d, m: prepare_empty(t), ["input.txt", "empty file"]),
     "train.py: no train.bin": (lambda t, g, d, m: train(t, g, data_dir(t, d, drop=["train.bin"])),
                                ["data: no train.bin; make it with `python data/gsm8k/prepare.py --out"]),
@@ -277,15 +317,54 @@ CASES = {
 NEEDS_SUBPROCESS = {"NaN weights"}  # the loading warning: python's filters print it once per process
 
 
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gets_a_clear_message(case, good, data, tmp_path, capsys, monkeypatch):
     make, words = CASES[case]
     script, args = make(tmp_path, good, data, monkeypatch)
+    before = files_of(tmp_path)
     code, out, err = run_script(script, args, capsys, monkeypatch, case in NEEDS_SUBPROCESS)
     assert "Traceback" not in err
     assert code != 0, err[-2000:]
     missing = [w for w in words if w.lower() not in err.lower()]
     assert not missing, f"{missing} not in: {err[-2000:]}"
+    assert files_of(tmp_path) == before  # a refused command changes nothing that was there
+
+
+def test_eval_only_and_a_refused_start_keep_the_runs_event_log(good, data, tmp_path, capsys, monkeypatch):
+    """--eval_only into an out_dir that holds a run evaluates and leaves its files alone (its log of pruning
+    events too); so does a refused start."""
+    out = user_files(tmp_path / "out", "ckpt.pt", "rank_pruning.jsonl")
+    before = files_of(out)
+    rank = dict(rank_prune=True, lora_r=4, rank_target=2)
+    code, stdout, err = run_script(*train(tmp_path, good, data, eval_only=True, **rank), capsys, monkeypatch)
+    assert code == 0 and "val loss" in stdout, err
+    code, _, err = run_script(*train(tmp_path, good, data, **rank), capsys, monkeypatch)
+    assert code != 0 and "holds a run" in err
+    assert files_of(out) == before
+
+
+def test_resume_goes_on_with_the_runs_data(good, data, tmp_path, capsys, monkeypatch):
+    """--init_from=resume without data settings trains on the data of the run, not on the default data set."""
+    code, _, err = run_script(*train(tmp_path, good, data, max_iters=1), capsys, monkeypatch)
+    assert code == 0, err
+    script, args = train(tmp_path, good, data, init_from="resume")
+    code, stdout, err = run_script(script, [a for a in args if not a.startswith("--data_dir=")], capsys, monkeypatch)
+    assert code == 0 and f"data {data} " in stdout, err + stdout
+
+
+def test_evaluation_leaves_out_windows_without_a_counted_token(good, tmp_path, capsys, monkeypatch):
+    """Instruction data whose validation windows hold no response token: their loss is undefined (NaN), not 0."""
+    rng = np.random.default_rng(0)
+    tokens = {split: rng.integers(0, 97, n) for split, n in (("train", 3000), ("val", 500))}
+    d = write_data(tmp_path / "data", tokens["train"], tokens["val"], np.ones(3000), np.zeros(500))
+    code, stdout, err = run_script(*train(tmp_path, good, d, max_iters=1, eval_interval=1), capsys, monkeypatch)
+    assert code == 0, err
+    losses = re.findall(r"step \d+: train loss ([\d.na]+), val loss ([\d.na]+)", stdout)
+    assert losses and all(float(t) > 0 and v == "nan" for t, v in losses), stdout
 
 
 def test_checkpoint_carrying_code_is_refused_not_run(good, data, tmp_path, capsys, monkeypatch):
