@@ -63,6 +63,7 @@ from prune import (accumulate_fisher, active_ranks, add_masks, loraprune_step, l
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROWS = ("train", "compact", "rankprune", "loraprune", "prefill", "decode")
 SHAPES = {  # random weights, Hugging Face config keys; "default" is the default model folder with its weights
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--rows", default="train,compact,rankprune,loraprune,prefill,decode")
+    p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--shapes", default=None, help="of default, 135m, 1b (CUDA: 135m,1b,default; CPU: default)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the folder of the 'default' shape")
     p.add_argument("--dtype", default=None, help="CUDA: bfloat16; CPU: float32,bfloat16")
@@ -114,6 +115,11 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key, known in (("rows", ROWS), ("shapes", (*SHAPES, "default")), ("dtype", tuple(DTYPES)), ("loss", ("masked", "all")),
+                       ("mode", ("eager", "compile")), ("sides", ("ours", "theirs", "theirs-autocast"))):
+        unknown = [x for x in getattr(args, key).split(",") if x not in known]
+        if unknown:
+            p.error(f"--{key}: unknown {unknown}; known: {', '.join(known)}")
     return args
 
 

@@ -48,7 +48,11 @@ def configure(config, argv):
                 fail(f"cannot read config file {arg!r} ({e.strerror}); arguments are config files or --key=value")
             print(f"overriding config with {arg}:\n{source}")
             scope = {}
-            exec(source, scope)
+            try:
+                code = compile(source, arg, "exec")
+            except SyntaxError as e:
+                fail(f"{arg}, line {e.lineno}: {e.msg}")
+            exec(code, scope)
             items = [(k, v) for k, v in scope.items() if not k.startswith("_")]
             where = arg
         else:

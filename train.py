@@ -194,7 +194,8 @@ for key, ok, expected in (  # settings that would fail deep inside the run (or w
         ('rank_method', rank_method in RANK_METHODS, f'one of {RANK_METHODS}'),
         ('rank_allocation', rank_allocation in ('uniform', 'global'), "'uniform' or 'global'"),
         ('rank_recovery_side', rank_recovery_side in ('B', 'AB'), "'B' or 'AB'"),
-        ('lora_targets', len(lora_targets) > 0, 'at least one projection')):
+        ('lora_targets', len(lora_targets) > 0, 'at least one projection'),
+        ('out_dir', Path(out_dir).is_dir() or not Path(out_dir).exists(), 'a folder (a file is there)')):
     if not ok:
         sys.exit(f"config error: {key}={globals()[key]!r}, expected {expected}")
 if rank_prune and lora_r <= rank_target:

@@ -252,7 +252,10 @@ def main():
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(table)}")
     if args.what == "table":
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
+        except ValueError:
+            p.error(f"--seeds {args.seeds!r}: expected whole numbers separated by commas")
         for n in names:
             for seed in seeds:
                 run_row(n, *table[n], scale, seed, args)  # writes results/prunedlora/<row>-s<seed>.json

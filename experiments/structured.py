@@ -302,7 +302,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="speed: timings per model (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="speed: torch CPU threads")
     args = p.parse_args()
-    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    try:
+        args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        p.error(f"--sparsities {args.sparsities!r}: expected numbers separated by commas")
+    if any(not 0 <= sp < 1 for sp in args.sparsities):
+        p.error(f"--sparsities {args.sparsities}: each must lie in [0, 1)")
     {"table": table, "report": report, "speed": speed, "ranking": ranking}[args.what](args)
 
 

