@@ -41,7 +41,8 @@ from prune import add_masks, compact, count_params, loraprune_step, masked_param
 # I/O
 out_dir = 'out'
 model_dir = 'models/smollm2-135m-instruct'  # a Hugging Face llama folder (the default model is made if missing)
-init_from = 'pretrained'  # 'pretrained': new adapters on model_dir; 'resume': continue from out_dir/ckpt.pt
+init_from = 'pretrained'  # 'pretrained': new adapters on model_dir; 'resume': continue from out_dir/ckpt.pt;
+                          # 'auto': resume if out_dir has a ckpt.pt, else pretrained (a job restarted as it was started)
 eval_interval = 50
 eval_iters = 8            # batches per split in each evaluation (always the same batches)
 log_interval = 1
@@ -162,6 +163,9 @@ def wait_for_master(make):
 
 # ----------------------------------------------------------------------------- resume: read the checkpoint first
 checkpoint = None
+RUN_FILES = ('ckpt.pt', 'adapter/adapter_config.json', 'merged/config.json')  # what says out_dir holds a run
+if init_from == 'auto':
+    init_from = 'resume' if (Path(out_dir) / 'ckpt.pt').exists() else 'pretrained'
 if init_from == 'resume':
     ckpt_path = Path(out_dir) / 'ckpt.pt'
     if not ckpt_path.exists():
@@ -175,22 +179,27 @@ if init_from == 'resume':
         model_dir = checkpoint['model_dir']
     for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'):  # the adapter's shape is the checkpoint's
         globals()[k] = config[k] = checkpoint['config'][k]
+    data_keys = ('dataset', 'data_dir') if not {'dataset', 'data_dir'} & overridden else ()  # one setting, the data
     for k in ('rank_prune', *RANK_DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups',
-              'dataset', 'data_dir'):
+              *data_keys):
         if k not in overridden and k in checkpoint['config']:  # the run goes on as it was started
             globals()[k] = config[k] = checkpoint['config'][k]
     say(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
 elif init_from != 'pretrained':
-    sys.exit(f"config error: init_from={init_from!r}, expected 'pretrained' or 'resume'")
-elif not eval_only and (Path(out_dir) / 'ckpt.pt').exists():  # nothing of the user's is overwritten
-    sys.exit(f"out_dir={out_dir!r} holds a run (ckpt.pt): continue it with --init_from=resume, or choose another "
-             f"out_dir (or delete that one)")
+    sys.exit(f"config error: init_from={init_from!r}, expected 'pretrained', 'resume' or 'auto'")
+elif any((Path(out_dir) / f).exists() for f in RUN_FILES):  # nothing of the user's is overwritten
+    found = next(f for f in RUN_FILES if (Path(out_dir) / f).exists())
+    if not eval_only:
+        sys.exit(f"out_dir={out_dir!r} holds a run ({found}): choose another out_dir for a new run (or delete that "
+                 f"one); --init_from=resume continues that same run, with its adapter's shape")
+    say(f"note: --eval_only evaluates new adapters on {model_dir} (the base model); --init_from=resume evaluates "
+        f"the run in {out_dir}")
 config['model_dir'] = model_dir
 for key, ok, expected in (  # settings that would fail deep inside the run (or worse, not fail) are refused here
         *((k, globals()[k] >= 1, 'at least 1') for k in ('block_size', 'batch_size', 'gradient_accumulation_steps',
                                                         'eval_interval', 'eval_iters', 'log_interval', 'rank_every',
                                                         'rank_k', 'rank_target', 'struct_every')),
-        ('max_iters', max_iters >= (0 if eval_only else 1), 'at least 1'),
+        ('max_iters', max_iters >= (0 if eval_only else 1), 'at least 0 with eval_only' if eval_only else 'at least 1'),
         ('rank_method', rank_method in RANK_METHODS, f'one of {RANK_METHODS}'),
         ('rank_allocation', rank_allocation in ('uniform', 'global'), "'uniform' or 'global'"),
         ('rank_recovery_side', rank_recovery_side in ('B', 'AB'), "'B' or 'AB'"),

@@ -1,6 +1,6 @@
 # LoRA r=8 (alpha 16, all seven projections) on GSM8K train, the loss on the answers only: the plain fine-tune
 # that rank pruning is measured against. Sized for one GPU: 8,192 tokens per step, 600 steps (about 3 epochs
-# of the 1.58M training tokens). `python train.py --rank_prune=False --lora_r=8 --lora_alpha=16` is a small CPU version.
+# of the 1.58M training tokens). `python train.py --rank_prune=False --lora_r=8 --lora_alpha=16 --out_dir=out-lora8` is a small CPU version.
 dataset = 'gsm8k'
 out_dir = 'out/lora_gsm8k'
 lora_r = 8

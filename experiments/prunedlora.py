@@ -42,10 +42,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 from lora import load_adapter  # noqa: E402
 from model import Transformer  # noqa: E402
 from prune import spearman  # noqa: E402
+from structured import continue_or_restart  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 OUT, RESULTS = ROOT / "out" / "prunedlora", ROOT / "results" / "prunedlora"
@@ -98,8 +100,6 @@ def rows(scale):
 
 def train_cmd(config, overrides, out_dir, scale, seed):
     settings = {**scale["train"], **overrides, "seed": 1337 + seed, "rank_seed": seed, "out_dir": out_dir}
-    if (Path(out_dir) / "ckpt.pt").exists():  # a run stopped before its result: it goes on from its checkpoint
-        settings["init_from"] = "resume"
     return [sys.executable, "train.py", f"config/{config}.py", *(f"--{k}={v}" for k, v in settings.items())]
 
 
@@ -169,6 +169,7 @@ def run_row(name, config, overrides, scale, seed, args):
     if args.dry_run:
         return None
     t0 = time.time()
+    cmd = continue_or_restart(cmd)  # a run stopped before its result goes on from its checkpoint
     subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT)
     wall = time.time() - t0
     adapter = out_dir / "adapter"

@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,32 @@ def train_cmd(config, model_dir, out_dir, args, extra=()):
     out_dir/merged, an ordinary model folder."""
     return [sys.executable, "train.py", f"config/{config}.py", f"--model_dir={model_dir}", f"--out_dir={out_dir}",
             f"--max_iters={args.steps}", f"--batch_size={args.batch_size}", f"--block_size={args.block_size}",
-            f"--dataset={args.data}", *extra,
-            *(["--init_from=resume"] if (Path(out_dir) / "ckpt.pt").exists() else [])]  # a run stopped before its end
+            f"--dataset={args.data}", *extra]
+
+
+def same_value(a, b):
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def continue_or_restart(cmd):
+    """A train.py command as it should run now: with --init_from=resume where a run of the same settings stopped
+    before its end left a checkpoint in its out_dir; a finished run there, or one of other settings, is removed
+    first (out_dir is this script's own folder for the row, whose result was not kept), so the row is made anew."""
+    settings = dict(a[2:].split("=", 1) for a in map(str, cmd) if a.startswith("--"))
+    out_dir = Path(settings["out_dir"])
+    if (out_dir / "ckpt.pt").exists():
+        ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+        same = all(same_value(ckpt["config"].get(k), v) for k, v in settings.items())
+        if same and ckpt["iter_num"] < int(settings["max_iters"]):
+            print(f"[resume] {out_dir} from iter {ckpt['iter_num']}", flush=True)
+            return [*cmd, "--init_from=resume"]
+    if out_dir.exists():
+        print(f"[restart] {out_dir}: an earlier run of this row, finished or of other settings, is removed", flush=True)
+        shutil.rmtree(out_dir)
+    return cmd
 
 
 def run(cmd, done, dry_run):
@@ -70,6 +95,7 @@ def run(cmd, done, dry_run):
     print("[run]", " ".join(map(str, cmd)), flush=True)
     if not dry_run:
         t0 = time.time()
+        cmd = continue_or_restart(cmd) if "train.py" in cmd else cmd
         subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT)
         print(f"[done] {time.time() - t0:.0f}s", flush=True)
 

@@ -374,6 +374,14 @@ def test_resume_goes_on_with_the_runs_data(good, data, tmp_path, capsys, monkeyp
     assert code == 0 and f"data {data} " in stdout, err + stdout
 
 
+def test_init_from_auto_starts_then_resumes(good, data, tmp_path, capsys, monkeypatch):
+    """--init_from=auto: the same command starts a run where there is none and continues it where there is."""
+    code, stdout, err = run_script(*train(tmp_path, good, data, max_iters=1, init_from="auto"), capsys, monkeypatch)
+    assert code == 0 and "resuming" not in stdout, err
+    code, stdout, err = run_script(*train(tmp_path, good, data, max_iters=2, init_from="auto"), capsys, monkeypatch)
+    assert code == 0 and "resuming from" in stdout and "at iter 1" in stdout, err + stdout
+
+
 def test_evaluation_leaves_out_windows_without_a_counted_token(good, tmp_path, capsys, monkeypatch):
     """Instruction data whose validation windows hold no response token: their loss is undefined (NaN), not 0."""
     rng = np.random.default_rng(0)
@@ -543,3 +551,23 @@ def test_download_cli_reports_a_refused_redirect_without_traceback(lying_hub, tm
         download.main(["owner/name", "--out", str(tmp_path / "m")])
     assert "download.py: error:" in str(e.value.code) and words in str(e.value.code), e.value.code
     assert not (tmp_path / "m").exists()
+
+
+def test_experiments_continue_a_stopped_row_and_remake_a_finished_one(good, data, tmp_path):
+    """The experiment scripts rerun a row whose result is missing: a run of the same settings stopped before its
+    end is resumed; a finished one, or one of other settings, is removed and made anew, not silently reused."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from structured import continue_or_restart
+    out, env = tmp_path / "out", dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "train.py", *base_args(good, data, out, max_iters=4, eval_interval=1)]
+    other = [a if not a.startswith("--learning_rate=") else "--learning_rate=0.5" for a in cmd]
+
+    def stopped_after(iters):  # a run of cmd, its checkpoint as if it had stopped after `iters` iterations
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env)
+        torch.save(torch.load(out / "ckpt.pt", weights_only=True) | {"iter_num": iters}, out / "ckpt.pt")
+
+    stopped_after(2)
+    assert continue_or_restart(cmd) == [*cmd, "--init_from=resume"] and (out / "ckpt.pt").exists()
+    assert continue_or_restart(other) == other and not out.exists()
+    stopped_after(4)  # finished
+    assert continue_or_restart(cmd) == cmd and not out.exists()
