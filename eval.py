@@ -420,7 +420,8 @@ def eval_gsm8k(model, tok, args):
 
 # ----------------------------------------------------------------------------- CLI
 
-def run_task(name, model, tok, args):
+def run_task(name, model, tok, args, items=None):
+    """One task's numbers; items: a multiple-choice task's data, when already loaded."""
     special = {"wikitext2": eval_wikitext2, "ptb": eval_ptb, "gsm8k": eval_gsm8k}
     if name in special:
         return special[name](model, tok, args)
@@ -429,7 +430,8 @@ def run_task(name, model, tok, args):
         header = dict(model=str(Path(args.model).resolve()), adapter=args.adapter and str(Path(args.adapter).resolve()),
                       dtype=args.dtype, task=name)
         store = open_store(Path(args.use_cache) / f"{name}.jsonl", header)
-    return score_mc(model, tok, LOADERS[name](args.data)[:args.limit], args.batch_size, store)
+    items = LOADERS[name](args.data) if items is None else items
+    return score_mc(model, tok, items[:args.limit], args.batch_size, store)
 
 
 def print_row(name, res):
@@ -482,10 +484,9 @@ def main():
         p.error(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device (this torch sees none)")
     try:
         model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
-        for name in names:  # the data of every task, before the slow work
-            if name in LOADERS:
-                LOADERS[name](args.data)
-            elif not (args.data / TEST_FILES[name]).exists():
+        mc_items = {name: LOADERS[name](args.data) for name in names if name in LOADERS}  # before the slow work
+        for name in set(names) - set(mc_items):
+            if not (args.data / TEST_FILES[name]).exists():
                 raise FileNotFoundError(f"{name}: no {args.data / TEST_FILES[name]} (--data {args.data})")
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
@@ -494,7 +495,7 @@ def main():
     print(f"{'task':<14} {'metric':<18} {'value':>10} {'stderr':>8} {'rows':>6} {'seconds':>8}")
     for name in names:
         t0 = time.time()
-        res = run_task(name, model, tok, args) | {"seconds": round(time.time() - t0, 1)}
+        res = run_task(name, model, tok, args, mc_items.get(name)) | {"seconds": round(time.time() - t0, 1)}
         samples = res.pop("samples", None)
         if args.samples and samples:
             with atomic_open(args.samples, "w") as f:

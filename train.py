@@ -187,8 +187,7 @@ if init_from == 'resume':
     say(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
 elif init_from != 'pretrained':
     sys.exit(f"config error: init_from={init_from!r}, expected 'pretrained', 'resume' or 'auto'")
-elif any((Path(out_dir) / f).exists() for f in RUN_FILES):  # nothing of the user's is overwritten
-    found = next(f for f in RUN_FILES if (Path(out_dir) / f).exists())
+elif found := next((f for f in RUN_FILES if (Path(out_dir) / f).exists()), None):  # nothing of the user's is lost
     if not eval_only:
         sys.exit(f"out_dir={out_dir!r} holds a run ({found}): choose another out_dir for a new run (or delete that "
                  f"one); --init_from=resume continues that same run, with its adapter's shape")
