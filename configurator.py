@@ -9,6 +9,7 @@ or `--key=value`, applied in order. A value is read as a Python literal (`--lr=3
 value must have the default's type (an int is accepted for a float; a comma-separated string for a tuple);
 anything else stops the script with a message naming the key, the value and the expected type.
 """
+import argparse
 import ast
 import sys
 
@@ -74,3 +75,15 @@ def configure(config, argv):
             config[key] = defaults[key] = value
             overridden.add(key)
     return overridden
+
+
+def renamed(parser, names):
+    """Refuse the old spellings {old: new} of a script's options with a pointer to the new one."""
+    for old, new in names.items():
+        parser.add_argument(old, nargs="?", help=argparse.SUPPRESS, action=_Renamed, default=argparse.SUPPRESS,
+                            const=new)
+
+
+class _Renamed(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.const}")
