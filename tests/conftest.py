@@ -9,8 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
-GOLDEN = ROOT.parent / "shared" / "golden" / "smollm2_135m_instruct_reference.json"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+GOLDEN = ROOT / "tests" / "golden" / "smollm2_135m_instruct_reference.json"
 
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -40,6 +39,15 @@ def model_fp32(model_dir):
 def tokenizer(model_dir):
     from tokenizer import Tokenizer
     return Tokenizer.from_pretrained(model_dir)
+
+
+def raw_file(dataset, *names):
+    """The path of a raw data file (data/fetch.py: cache, DATA_MIRROR, download), or skip the test naming it."""
+    from data.fetch import DataUnavailable, fetch
+    try:
+        return fetch(dataset, *names)
+    except DataUnavailable as e:
+        pytest.skip(f"needs the data set {dataset!r} ({'/'.join(names)}): {str(e).split('. ')[0]}")
 
 
 def tiny_config(**kw):
