@@ -1,10 +1,11 @@
 """
-The LLaMA-family transformer, written to match Hugging Face's LlamaForCausalLM number for number.
+The LLaMA-family transformer, written to match Hugging Face's LlamaForCausalLM number for number:
+RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP -> blocks -> the model -> generation,
+then the fused output-layer loss and the reading of a Hugging Face config.json.
 
-Module and parameter names follow Hugging Face (model.layers.3.self_attn.q_proj.weight, lm_head.weight),
-so a `config.json` + `model.safetensors` folder loads one to one. Per-layer widths (query heads kept,
-which key/value head each reads, MLP width) are part of the config, so a structurally pruned model is
-an ordinary model of this file.
+Module and parameter names follow Hugging Face (model.layers.3.self_attn.q_proj.weight, lm_head.weight), so a
+`config.json` + `model.safetensors` folder loads one to one. Per-layer widths (query heads kept, which key/value
+head each reads, MLP width) are part of the config, so a structurally pruned model is an ordinary model here.
 """
 import json
 import math
@@ -40,72 +41,6 @@ class ModelConfig:
     layer_kv_map: list | None = None        # [layer][query head] -> index of the key/value head it reads
     layer_intermediate: list | None = None  # [layer] -> MLP width
 
-    HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-               "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
-               "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
-               "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings",
-               "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "head_dim": "head_dim",
-               "layer_kv_map": "layer_kv_map", "layer_intermediate": "layer_intermediate"}
-
-    @classmethod
-    def from_hf(cls, hf: dict, where="config.json"):
-        """Reads a Hugging Face llama config, refusing what this model does not implement."""
-        bad = {"model_type": hf.get("model_type", "llama") not in ("llama", "mistral", "smollm"),
-               "attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
-               "hidden_act": hf.get("hidden_act", "silu") != "silu",
-               "sliding_window": hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None}
-        for key, unsupported in bad.items():
-            if unsupported:
-                raise ValueError(f"{where}: {key} = {hf.get(key)!r} is not supported by this llama model")
-        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"]
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ValueError(f"{where}: missing required keys {missing}")
-        rope = hf.get("rope_parameters")  # transformers >= 5 writes rope_theta and the scaling in one dict
-        if isinstance(rope, dict):
-            hf = {**hf, "rope_theta": rope.get("rope_theta", hf.get("rope_theta")),
-                  "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
-        kw = {ours: hf[theirs] for ours, theirs in cls.HF_KEYS.items() if theirs in hf and hf[theirs] is not None}
-        kw.setdefault("n_kv_head", kw["n_head"])
-        if "head_dim" not in kw:
-            if kw["hidden_size"] % kw["n_head"]:
-                raise ValueError(f"{where}: num_attention_heads {kw['n_head']} does not divide hidden_size "
-                                 f"{kw['hidden_size']} (and no head_dim is given)")
-            kw["head_dim"] = kw["hidden_size"] // kw["n_head"]
-        cfg = cls(**kw)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where="config"):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{where}: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"{where}: num_key_value_heads {self.n_kv_head} does not divide "
-                             f"num_attention_heads {self.n_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"{where}: head_dim {self.head_dim} must be even for rotary embeddings")
-        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if kind not in (None, "default", "llama3"):
-            raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        for name in ("layer_kv_map", "layer_intermediate"):
-            v = getattr(self, name)
-            if v is not None and len(v) != self.n_layer:
-                raise ValueError(f"{where}: {name} has {len(v)} entries for {self.n_layer} layers")
-        for l, kv_map in enumerate(self.layer_kv_map or []):
-            if not kv_map:
-                raise ValueError(f"{where}: layer {l} has no attention heads left")
-
-    def to_hf(self):
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "attention_bias": False, "mlp_bias": False}
-        hf.update({theirs: getattr(self, ours) for ours, theirs in self.HF_KEYS.items()})
-        if self.layer_kv_map is None:
-            del hf["layer_kv_map"]
-        if self.layer_intermediate is None:
-            del hf["layer_intermediate"]
-        return hf
-
     def kv_map(self, layer):
         """For each query head of `layer`, the index of the key/value head it reads."""
         if self.layer_kv_map is not None:
@@ -116,8 +51,18 @@ class ModelConfig:
     def intermediate(self, layer):
         return self.layer_intermediate[layer] if self.layer_intermediate is not None else self.intermediate_size
 
+    @classmethod
+    def from_hf(cls, hf: dict, where="config.json"):
+        return config_from_hf(hf, where)
 
-class RMSNorm(nn.Module):
+    def to_hf(self):
+        return config_to_hf(self)
+
+    def validate(self, where="config"):
+        check_config(self, where)
+
+
+class RMSNorm(nn.Module):  # x / sqrt(mean(x^2) + eps) * weight, in float32 as Hugging Face computes it
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -227,9 +172,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (B, n_kv_head, max_len, head_dim) each. key_mask
-    (B, max_len), False at left padding, lets rows of different lengths share a batch: RoPE makes a
-    query-key score depend only on their distance, so a row's outputs do not depend on its padding."""
+    """Preallocated keys and values of every layer, (B, n_kv_head, max_len, head_dim). key_mask (B, max_len),
+    False at left padding, lets rows of different lengths share a batch (RoPE scores depend on distance only)."""
 
     def __init__(self, model, batch_size, max_len, dtype, device, key_mask=None):
         self.k = [torch.zeros(batch_size, b.self_attn.n_kv_head, max_len, b.self_attn.head_dim, dtype=dtype, device=device)
@@ -323,20 +267,17 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face llama folder. The model is built on the meta device and the weights are
-        assigned, so loading never holds two copies."""
-        folder = Path(folder)
-        if not (folder / "config.json").exists():
+        """Load a Hugging Face llama folder: built on the meta device, the weights assigned (never two copies)."""
+        path = Path(folder) / "config.json"
+        if not path.exists():
             raise FileNotFoundError(f"{folder}: no config.json (is this a model folder?)")
         try:
-            hf = json.loads((folder / "config.json").read_text())
+            cfg = ModelConfig.from_hf(json.loads(path.read_text()), str(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-        cfg = ModelConfig.from_hf(hf, str(folder / "config.json"))
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         with torch.device("meta"):
             model = cls(cfg)
-        model.load_weights(load_weights(folder), dtype, device, str(folder))
-        return model
+        return model.load_weights(load_weights(folder), dtype, device, str(folder))
 
     def load_weights(self, state, dtype, device, where):
         expected = {k: v for k, v in self.state_dict().items()
@@ -371,9 +312,8 @@ class Transformer(nn.Module):
 
 @torch.compiler.disable  # how many positions count depends on the data: under torch.compile the loss runs eagerly
 def chunked_cross_entropy(h, weight, targets, chunk=2048):
-    """Mean cross-entropy of (N, C) hidden states against (N,) targets (-1 = not counted) through the output
-    layer, computed at the counted positions only, chunk by chunk in float32, so the (N, vocab) logits never
-    exist at once."""
+    """Mean cross-entropy of hidden states h (N, C) through the output layer against targets (N,), -1 = not
+    counted: logits only at the counted positions, chunk by chunk, never all (N, vocab) at once."""
     keep = targets != -1
     h, targets = h[keep], targets[keep]
     if targets.numel() == 0:
@@ -381,10 +321,13 @@ def chunked_cross_entropy(h, weight, targets, chunk=2048):
     return LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
 
 
+def plain_cross_entropy(h, weight, targets):  # what chunked_cross_entropy computes, in one line
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """The gradients are computed in the forward pass, chunk by chunk, while the chunk's logits exist:
-    d loss / d logits = (softmax - onehot) / N. Backward then only scales them, so the logits are computed
-    once (recomputing them in backward, as checkpointing would, costs a third more on the output layer)."""
+    """Gradients are computed in the forward pass while a chunk's logits exist, d loss / d logits =
+    (softmax - onehot) / N, so backward only scales them and the logits are computed once."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, with_grad):
@@ -397,7 +340,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             logprobs = F.linear(hh, weight).log_softmax(-1, dtype=torch.float32)  # (chunk, vocab)
             total -= logprobs.gather(1, t[:, None]).sum()
             if grad_h is not None or grad_w is not None:
-                d = logprobs.exp_()  # softmax
+                d = logprobs.exp_()  # softmax - onehot
                 d[torch.arange(len(t), device=t.device), t] -= 1.0
                 d = d.to(h.dtype)
                 if grad_h is not None:
@@ -430,3 +373,73 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------- Hugging Face config.json
+HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+           "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+           "rope_scaling": "rope_scaling", "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings",
+           "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "layer_kv_map": "layer_kv_map",
+           "layer_intermediate": "layer_intermediate"}
+# a folder whose layers have their own widths is marked with a model type transformers does not know: it fails
+# there at once, by name, instead of on mismatched tensor shapes
+PER_LAYER_TYPE = "llama_per_layer_widths"
+
+
+def config_from_hf(hf, where="config.json"):
+    """A Hugging Face llama config as a ModelConfig, refusing what this model does not implement."""
+    bad = {"model_type": hf.get("model_type", "llama") not in ("llama", "mistral", "smollm", PER_LAYER_TYPE),
+           "attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
+           "hidden_act": hf.get("hidden_act", "silu") != "silu",
+           "sliding_window": hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None}
+    for key, unsupported in bad.items():
+        if unsupported:
+            raise ValueError(f"{where}: {key} = {hf.get(key)!r} is not supported by this llama model")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if k not in hf]
+    if missing:
+        raise ValueError(f"{where}: missing required keys {missing}")
+    rope = hf.get("rope_parameters")  # transformers >= 5 writes rope_theta and the scaling in one dict
+    if isinstance(rope, dict):
+        hf = {**hf, "rope_theta": rope.get("rope_theta", hf.get("rope_theta")),
+              "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
+    kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items() if hf.get(theirs) is not None}
+    kw.setdefault("n_kv_head", kw["n_head"])
+    if "head_dim" not in kw:
+        if kw["hidden_size"] % kw["n_head"]:
+            raise ValueError(f"{where}: num_attention_heads {kw['n_head']} does not divide hidden_size "
+                             f"{kw['hidden_size']} (and no head_dim is given)")
+        kw["head_dim"] = kw["hidden_size"] // kw["n_head"]
+    cfg = ModelConfig(**kw)
+    check_config(cfg, where)
+    return cfg
+
+
+def check_config(cfg, where="config"):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"{where}: num_key_value_heads {cfg.n_kv_head} does not divide num_attention_heads {cfg.n_head}")
+    if cfg.head_dim % 2:
+        raise ValueError(f"{where}: head_dim {cfg.head_dim} must be even for rotary embeddings")
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if kind not in (None, "default", "llama3"):
+        raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+    for name in ("layer_kv_map", "layer_intermediate"):
+        if getattr(cfg, name) is not None and len(getattr(cfg, name)) != cfg.n_layer:
+            raise ValueError(f"{where}: {name} has {len(getattr(cfg, name))} entries for {cfg.n_layer} layers")
+    if any(not kv_map for kv_map in cfg.layer_kv_map or []):
+        raise ValueError(f"{where}: layer {[len(m) for m in cfg.layer_kv_map].index(0)} has no attention heads left")
+
+
+def config_to_hf(cfg):
+    per_layer = cfg.layer_kv_map is not None or cfg.layer_intermediate is not None
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": PER_LAYER_TYPE if per_layer else "llama",
+          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    hf.update({theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS.items()
+               if getattr(cfg, ours) is not None or ours not in ("layer_kv_map", "layer_intermediate")})
+    if per_layer:
+        hf["note"] = "per-layer widths (layer_kv_map, layer_intermediate): loads with lora-prune's model.py only"
+    return hf

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model
-from model import ModelConfig, Transformer, rope_frequencies
+from model import PER_LAYER_TYPE, ModelConfig, Transformer, chunked_cross_entropy, plain_cross_entropy, rope_frequencies
 
 # The golden log-probs are rounded to 5 decimals, so 5e-6 is the floor; measured max diff 5.0e-6.
 FP32_TOL = 1e-4
@@ -288,3 +288,35 @@ def test_torch_compile_sees_the_whole_training_forward_as_one_graph():
     explanation = torch._dynamo.explain(model)(x, y)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
     assert all("chunked_cross_entropy" in str(b.reason) for b in explanation.break_reasons)
+
+
+# ----------------------------------------------------------------------------- the fused loss
+def test_chunked_cross_entropy_equals_the_plain_one():
+    """Loss and both gradients of the chunked, fused output-layer loss against autograd through F.cross_entropy."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(50, (37,), generator=g)
+    targets[::3] = -1  # positions that do not count
+    ours = chunked_cross_entropy(h, w, targets, chunk=8)  # 25 counted rows: 4 chunks, the last one short
+    ours_grads = torch.autograd.grad(3 * ours, (h, w))
+    plain = plain_cross_entropy(h, w, targets)
+    plain_grads = torch.autograd.grad(3 * plain, (h, w))
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- per-layer widths
+def test_a_folder_with_per_layer_widths_is_marked_as_ours_only(tmp_path):
+    """Our loader reads it; transformers refuses it by its model type instead of failing on tensor shapes."""
+    model = tiny_model(seed=2, layer_intermediate=[48, 24], layer_kv_map=[[0, 0, 1, 1], [0, 1]])
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    assert ModelConfig.from_hf(__import__("json").loads((tmp_path / "config.json").read_text())) == model.config
+    assert model.config.to_hf()["model_type"] == PER_LAYER_TYPE
+    idx = torch.randint(97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_pretrained(tmp_path)(idx)[0], model(idx)[0])
+    assert tiny_model().config.to_hf()["model_type"] == "llama"  # uniform widths stay a plain llama
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match=PER_LAYER_TYPE):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
