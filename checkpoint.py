@@ -164,3 +164,49 @@ class atomic_open:
 def save_json(obj, path):
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- a training run's folder
+RUN_FILES = ("ckpt.pt", "adapter/adapter_config.json", "merged/config.json")  # what says a folder holds a run
+
+
+def run_in(out_dir):
+    """The first file that says `out_dir` holds a training run, or None."""
+    return next((f for f in RUN_FILES if (Path(out_dir) / f).exists()), None)
+
+
+def read_checkpoint(out_dir):
+    """out_dir/ckpt.pt as plain tensors and values (torch.load(weights_only=True) never runs code), or one line
+    saying why not."""
+    path = Path(out_dir) / "ckpt.pt"
+    if not path.exists():
+        raise SystemExit(f"init_from='resume' but there is no {path} (out_dir={str(out_dir)!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, or more than tensors and plain values
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).split(". ")[0])
+        raise SystemExit(f"{path} cannot be read ({why}): damaged, or not a checkpoint of train.py; "
+                         f"start a new out_dir") from None
+
+
+def write_checkpoint(ckpt, out_dir):
+    with atomic_open(Path(out_dir) / "ckpt.pt", "wb") as f:
+        torch.save(ckpt, f)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path, last, key="step"):
+    """Keep the records of a log up to `last` (a resumed run forgets what came after its checkpoint); a line
+    cut short by a kill counts as after."""
+    def when(line):
+        try:
+            return json.loads(line)[key]
+        except (ValueError, KeyError):
+            return float("inf")
+    kept = [line for line in Path(path).read_text().splitlines() if when(line) <= last] if Path(path).exists() else []
+    with atomic_open(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))

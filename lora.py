@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -93,14 +94,22 @@ def apply_lora(model, targets=ALL_TARGETS, r=8, alpha=16, dropout=0.0, rslora=Fa
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {ALL_TARGETS}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] in targets}
+    too_large = {}  # every target the rank does not fit, in one message
+    for name, m in layers.items():
+        if not 0 < pattern_value(rank_pattern, name, r) <= min(m.in_features, m.out_features):
+            too_large.setdefault(name.split(".")[-1], (pattern_value(rank_pattern, name, r), m))
+    if too_large:
+        raise ValueError("LoRA rank too large for " + "; ".join(
+            f"{t}: rank {rm} must lie in [1, {min(m.in_features, m.out_features)}] for a {m.out_features} x "
+            f"{m.in_features} layer" for t, (rm, m) in too_large.items()))
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
-            parent, attr = name.rsplit(".", 1)
-            r_m = pattern_value(rank_pattern, name, r)
-            a_m = pattern_value(alpha_pattern, name, alpha)
-            setattr(model.get_submodule(parent), attr, LoRALinear(module, r_m, a_m, dropout, rslora))
+    for name, module in layers.items():
+        parent, attr = name.rsplit(".", 1)
+        lora = LoRALinear(module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha),
+                          dropout, rslora)
+        setattr(model.get_submodule(parent), attr, lora)
     return model
 
 
@@ -188,14 +197,46 @@ def load_adapter(model, folder):
     return model
 
 
-def save_merged(model, folder, dtype=torch.bfloat16, tokenizer_from=None):
-    """Export an ordinary Hugging Face model folder with s*B*A merged into the base weights."""
+def save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=None, merged=True):
+    """An ordinary Hugging Face model folder: the base weights with s B A merged in (merged=False: without),
+    and the tokenizer files of `tokenizer_from`."""
     was_merged = {name: m.merged for name, m in lora_modules(model).items()}
-    merge_lora(model)
+    merge_lora(model) if merged else unmerge_lora(model)
     model.save_pretrained(folder, dtype)
     for name, m in lora_modules(model).items():
-        if not was_merged[name]:
-            m.unmerge()
+        m.merge() if was_merged[name] else m.unmerge()
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if tokenizer_from and (Path(tokenizer_from) / f).exists():
             shutil.copy(Path(tokenizer_from) / f, Path(folder) / f)
+
+
+
+# ----------------------------------------------------------------------------- loading what train.py wrote
+def resolve(path, adapter=None):
+    """(model folder, adapter folder or None) for a model folder (+ `adapter`), an adapter folder, or a train.py run
+    folder: its adapter/ on the base the adapter names (a merged/ only when there is no adapter)."""
+    path = Path(path)
+    run_adapter, merged = path / "adapter" / "adapter_config.json", path / "merged" / "config.json"
+    if (path / "adapter_config.json").exists():
+        adapter = path
+    elif not (path / "config.json").exists() and run_adapter.exists():
+        adapter = run_adapter.parent
+        if merged.exists() and merged.stat().st_mtime < (adapter / "adapter_model.safetensors").stat().st_mtime:
+            print(f"note: {merged.parent} is older than {adapter}: using the adapter", file=sys.stderr)
+    elif not (path / "config.json").exists() and merged.exists():
+        return merged.parent, adapter
+    if adapter is None or (path / "config.json").exists():
+        return path, adapter
+    base = Path(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    if not (base / "config.json").exists():
+        raise FileNotFoundError(f"{adapter}: its base model {str(base)!r} is not a model folder here; pass the base "
+                                f"as --model and the adapter as --adapter")
+    return base, adapter
+
+
+def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
+    """(model with its adapter, if any; the model folder): see resolve() for what `path` may be."""
+    from model import Transformer  # lora.py itself needs only nn.Linear
+    folder, adapter = resolve(path, adapter)
+    model = Transformer.from_pretrained(folder, dtype=dtype, device=device)
+    return (load_adapter(model, adapter) if adapter else model).eval(), folder

@@ -3,6 +3,8 @@ Generate text from a model folder and report how fast it went.
 
   python sample.py --prompt "The capital of France is"                    # plain continuation
   python sample.py --chat --prompt "What is the capital of France?"        # one chat turn
+  python sample.py --model out --chat --prompt "..."                      # a train.py run: its adapter on its base
+  python sample.py --adapter out/adapter --model models/smollm2-135m-instruct
   python sample.py --model models/other --dtype bfloat16 --temperature 0.8 --top_p 0.9 --seed 1
 
 Plain prompts are continued for --max_new_tokens tokens; --chat wraps the prompt in the model's chat
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer
+from lora import load_model, resolve
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
@@ -23,8 +25,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face llama folder (default: %(default)s)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="a model folder, an adapter folder or a train.py run folder (default: %(default)s)")
+    p.add_argument("--adapter", help="a LoRA adapter folder (peft format) to apply to --model")
     p.add_argument("--prompt", default="Once upon a time,")
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message to a chat model")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -48,19 +53,20 @@ def parse_args(argv=None):
     return args
 
 
-def load(model_dir, dtype, device):
-    """Model and tokenizer of a folder; the default folder is fetched on first use."""
-    model_dir = Path(model_dir)
-    if not model_dir.exists() and model_dir.resolve() == DEFAULT_MODEL.resolve():
+def load(path, adapter, dtype, device):
+    """Model and tokenizer; the default model is made on first use."""
+    if not Path(path).exists() and Path(path).resolve() == DEFAULT_MODEL.resolve():
         import download
         download.default_model(DEFAULT_MODEL)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json); "
-                                f"`python download.py OWNER/REPO` fetches one from the Hugging Face Hub")
+    folder, adapter = resolve(path, adapter)
+    if not (Path(folder) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model folder, an adapter folder or a train.py run folder (no "
+                                f"config.json); `python download.py OWNER/REPO` fetches a model from the Hugging Face Hub")
     t0 = time.perf_counter()
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
-    tok = Tokenizer.from_pretrained(model_dir)
-    print(f"loaded {model_dir} ({dtype}, {device}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    model, _ = load_model(folder, adapter, dtype, device)
+    tok = Tokenizer.from_pretrained(folder)
+    print(f"loaded {folder}{f' + adapter {adapter}' if adapter else ''} ({dtype}, {device}) in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model, tok
 
 
@@ -90,7 +96,7 @@ def timed_generate(model, idx, device, **kw):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tok = load(args.model, DTYPES[args.dtype], args.device)
+    model, tok = load(args.model, args.adapter, DTYPES[args.dtype], args.device)
     text = tok.apply_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt_ids = tok.encode(text)
     if not prompt_ids:

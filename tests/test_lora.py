@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from conftest import tiny_model
 from lora import (ALL_TARGETS, LoRALinear, apply_lora, load_adapter, lora_modules, lora_parameters, merge_lora,
-                  save_adapter, save_merged, unmerge_lora)
+                  save_adapter, save_model, unmerge_lora)
 from model import Transformer
 
 IDX = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -94,6 +94,17 @@ def test_rank_larger_than_the_layer_is_a_clear_error():
         apply_lora(tiny_model(), r=64)  # hidden size 32
 
 
+def test_a_rank_too_large_names_every_target_it_does_not_fit():
+    """One message for all: k/v are 16 x 32 in the tiny model (2 kv heads of 8), q/o 32 x 32, the MLP 48 x 32."""
+    with pytest.raises(ValueError) as e:
+        apply_lora(tiny_model(), r=20)
+    assert "k_proj: rank 20 must lie in [1, 16] for a 16 x 32 layer" in str(e.value)
+    assert "v_proj: rank 20 must lie in [1, 16]" in str(e.value) and "q_proj" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        apply_lora(tiny_model(), r=40)
+    assert all(f"{t}: rank 40" in str(e.value) for t in ALL_TARGETS)
+
+
 def test_rslora_scale():
     torch.manual_seed(0)
     base = nn.Linear(16, 16, bias=False)
@@ -140,7 +151,7 @@ def test_rank_and_alpha_patterns_round_trip(tmp_path):
 
 def test_save_merged_is_an_ordinary_model(tmp_path):
     model = lora_model()
-    save_merged(model, tmp_path / "m", dtype=torch.float32)
+    save_model(model, tmp_path / "m", dtype=torch.float32)
     merged = Transformer.from_pretrained(tmp_path / "m", dtype=torch.float32)
     assert not any(m.merged for m in lora_modules(model).values())  # the model itself is left unmerged
     torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=1e-5)

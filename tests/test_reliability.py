@@ -272,7 +272,7 @@ CASES = {
                                                 ["vocab_size 50000", "the model has 263"]),
     # LoRA
     "LoRA rank larger than the layer": (lambda t, g, d, m: train(t, g, d, lora_r=100),
-                                        ["LoRA rank 100 must lie in [1, 32] for a 32 x 32 layer"]),
+                                        ["LoRA rank too large for q_proj: rank 100 must lie in [1, 32] for a 32 x 32 layer"]),
     # pruning
     "sparsity 1.5": (lambda t, g, d, m: prune(g, "--sparsity", 1.5, "--out", t / "p"), ["sparsity must lie in [0, 1)", "1.5"]),
     "sparsity -0.1": (lambda t, g, d, m: prune(g, "--sparsity", -0.1, "--out", t / "p"), ["sparsity must lie in [0, 1)", "-0.1"]),
