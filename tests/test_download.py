@@ -152,7 +152,7 @@ def test_partial_download_is_resumed(tmp_path, hub, server_range):
     stage = out.parent / (out.name + ".partial")  # where an interrupted download left its files
     stage.mkdir(parents=True)
     have = len(full) if server_range == "part-complete" else len(full) // 3
-    (stage / "model.safetensors.part").write_bytes(full[:have])
+    (stage / "model.safetensors.partial").write_bytes(full[:have])
     hub.honour_range = server_range != "ignored"
     download.download_hub("owner/tiny", out)
     weights = [r for r in hub.requests if r["path"].endswith("/model.safetensors")]
