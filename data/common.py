@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import atomic_open, save_json  # noqa: E402
 from configurator import renamed  # noqa: E402
-from data.fetch import fetch, progress  # noqa: E402
+from data.fetch import fetch, progress  # noqa: E402,F401 (progress: for the prepare scripts)
 from tokenizer import Tokenizer  # noqa: E402
 
 

@@ -302,3 +302,12 @@ def test_gguf_conversion_refuses_what_it_cannot_represent(tmp_path, change, mess
     with pytest.raises(ValueError, match=message):
         download.convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_old_option_spellings_are_refused(tmp_path, capsys):
+    for argv, message in ((["owner/tiny", "--out", str(tmp_path / "m")], "--out is now --out_dir"),
+                          (["owner/tiny", "--out_d", str(tmp_path / "m")], "unrecognized arguments: --out_d")):
+        with pytest.raises(SystemExit) as e:
+            download.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
