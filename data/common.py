@@ -25,7 +25,6 @@ DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 SEED = 1337
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import atomic_open, save_json  # noqa: E402
 from configurator import renamed  # noqa: E402
 from data.fetch import fetch, progress  # noqa: E402,F401 (progress: for the prepare scripts)
 from tokenizer import Tokenizer  # noqa: E402
@@ -167,6 +166,7 @@ def encode_text(tok, text, piece=1 << 16):
 def write_outputs(args, tok, splits, source):
     """splits: {split: [example, ...]}, an example being a token list, or (tokens, mask) for instruction data.
     Writes <split>.bin (+ <split>_mask.bin) and then meta.json, each atomically; prints a line per split."""
+    from checkpoint import atomic_open, save_json  # imported here: it loads torch (seconds), not needed before
     out = Path(args.out_dir)
     masked = isinstance(next(iter(splits.values()))[0], tuple)
     dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
