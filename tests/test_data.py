@@ -270,14 +270,14 @@ def test_pydocs_tarball_gives_the_pages_of_the_jsonl_form(tmp_path, model_dir):
     with gzip.open(tmp_path / "a" / "pages.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps(p) + "\n" for p in sorted(PAGES, key=lambda p: p["path"])))
     members = {"Doc/" + p["path"]: p["text"] for p in PAGES}
-    members.update({"Doc/README.rst": "How to build the docs", "Lib/idlelib/help.rst": "no page", "Doc/conf.py": "x = 1"})
+    members.update({"Doc/README.rst": "How to build the docs", "Lib/idlelib/help.rst": "no page", "Doc/conf.py": "x"})
     with tarfile.open(tmp_path / "b" / "Python-3.11.2.tar.xz", "w:xz") as tar:
         for name, text in members.items():
             member = tarfile.TarInfo("Python-3.11.2/" + name)
             member.size = len(text.encode("utf-8"))
             tar.addfile(member, io.BytesIO(text.encode("utf-8")))
     script, model = load_script("pydocs"), ["--model", str(model_dir)]
-    meta_a = script.main(["--src", str(tmp_path / "a" / "pages.jsonl.gz"), "--out_dir", str(tmp_path / "out_a")] + model)
+    meta_a = script.main(["--src", str(tmp_path / "a" / "pages.jsonl.gz"), "--out_dir", str(tmp_path / "out_a"), *model])
     meta_b = script.main(["--src", str(tmp_path / "b"), "--out_dir", str(tmp_path / "out_b")] + model)
     assert meta_a["examples"] == meta_b["examples"] == {"train": 3, "val": 1}
     for name in ("train.bin", "val.bin"):

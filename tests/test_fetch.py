@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,14 +28,14 @@ def sha(data):
 
 @pytest.fixture
 def web(hub):
-    """The fake Hub of test_download serves any path; URL(path) is that path's address."""
+    """test_download's fake Hub serves web.files[path] at web.url(path)."""
     hub.url = lambda path: f"http://127.0.0.1:{hub.server_port}{path}"
     return hub
 
 
 @pytest.fixture
 def manifest(tmp_path, monkeypatch):
-    """set(dataset, name, **entry) writes a manifest of our own; the cache is a fresh folder, no DATA_MIRROR."""
+    """manifest(dataset, name, **entry) writes a manifest of our own; a fresh cache folder, no DATA_MIRROR."""
     datasets = {}
     monkeypatch.setattr(F, "MANIFEST", tmp_path / "manifest.json")
     monkeypatch.setattr(F, "CACHE", tmp_path / "cache")
@@ -197,26 +198,19 @@ def test_uncaught_in_a_script_it_is_one_line_and_exit_1(tmp_path):
     assert run.stderr.startswith("pydocs/python311_docs.jsonl.gz: not in ") and "has no download" in run.stderr
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1e9
-
-    def time(self):
-        return self.now
-
-
 @pytest.mark.parametrize("tty", [False, True])
 def test_progress_reports_after_a_few_seconds(monkeypatch, tty):
-    clock, err = Clock(), io.StringIO()
-    err.isatty = lambda: tty
+    clock, err = SimpleNamespace(now=1e9), io.StringIO()
+    clock.time, err.isatty = lambda: clock.now, lambda: tty
     monkeypatch.setattr(F, "time", clock)
     monkeypatch.setattr(F.sys, "stderr", err)
-    blocks = [b"x" * (1 << 20)] * 40
-    for _ in F.progress(blocks, "a.zip", total=40 << 20, size=len):
+    for _ in F.progress([b"x" * (1 << 20)] * 40, "a.zip", total=40 << 20, size=len):
         clock.now += 1.0  # one block a second: past 3 s it reports, on a terminal at most twice a second
     lines = [f"  a.zip: {n:.1f} of 40.0 MiB" for n in (range(4, 41) if tty else (4, 15, 26, 37))]
-    assert err.getvalue() == ("".join("\r" + line for line in lines) + "\n" if tty else "".join(l + "\n" for l in lines))
-    err.truncate(0), err.seek(0)
+    expected = "".join("\r" + line for line in lines) + "\n" if tty else "".join(line + "\n" for line in lines)
+    assert err.getvalue() == expected
+    err.seek(0)
+    err.truncate()
     assert list(F.progress(range(3), "fast")) == [0, 1, 2] and err.getvalue() == ""  # a quick loop says nothing
 
 
