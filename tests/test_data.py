@@ -1,13 +1,19 @@
-"""data/<name>/prepare.py on small inputs written to tmp_path (never into data/), with the real tokenizer."""
+"""data/<name>/prepare.py on small inputs written to tmp_path (never into data/), with the real tokenizer;
+the raw files through data/fetch.py (a manifest of our own, or the real one where the data set can be had)."""
 import gzip
 import importlib.util
+import io
 import json
 import sys
+import tarfile
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import raw_file
+from data import fetch as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))
@@ -74,7 +80,7 @@ def prepare(name, tmp_path, model_dir, out="out"):
     src.mkdir(exist_ok=True)
     MAKERS[name](src)
     out = tmp_path / out
-    meta = load_script(name).main(["--src", str(src), "--out", str(out), "--model", str(model_dir)])
+    meta = load_script(name).main(["--src", str(src), "--out_dir", str(out), "--model", str(model_dir)])
     assert meta == json.loads((out / "meta.json").read_text())
     return meta, out
 
@@ -183,7 +189,7 @@ def test_deterministic(tmp_path, model_dir, name):
 def test_missing_or_empty_source(tmp_path, model_dir, name):
     script, src, out = load_script(name), tmp_path / "src", tmp_path / "out"
     src.mkdir()
-    argv = ["--src", str(src), "--out", str(out), "--model", str(model_dir)]
+    argv = ["--src", str(src), "--out_dir", str(out), "--model", str(model_dir)]
     with pytest.raises(SystemExit) as e:
         script.main(argv)
     assert "not found" in str(e.value.code) and str(src / FILES[name]) in str(e.value.code)
@@ -198,14 +204,91 @@ def test_missing_or_empty_source(tmp_path, model_dir, name):
 def test_bad_model(tmp_path):
     make_shakespeare(tmp_path)
     with pytest.raises(SystemExit) as e:
-        load_script("shakespeare").main(["--src", str(tmp_path), "--out", str(tmp_path / "out"),
+        load_script("shakespeare").main(["--src", str(tmp_path), "--out_dir", str(tmp_path / "out"),
                                          "--model", str(tmp_path / "no-such-model")])
     assert "no-such-model" in str(e.value.code) and "tokenizer.json" in str(e.value.code)
 
 
 def test_large_vocab_uses_uint32(tmp_path):
     tok = Namespace(n_vocab=70_000)
-    args = Namespace(out=tmp_path, model=tmp_path, t0=0.0, dataset="big")
+    args = Namespace(out_dir=tmp_path, model=tmp_path, t0=0.0, dataset="big")
     meta = common.write_outputs(args, tok, {"train": [[69_999, 1]], "val": [[2]]}, tmp_path)
     assert meta["dtype"] == "uint32"
     assert np.fromfile(tmp_path / "train.bin", dtype=np.uint32).tolist() == [69_999, 1]
+
+
+def test_old_option_spellings_are_refused(tmp_path, capsys):
+    for argv, message in ((["--out", str(tmp_path)], "--out is now --out_dir"),
+                          (["--out_d", str(tmp_path)], "unrecognized arguments: --out_d")):  # no abbreviations
+        with pytest.raises(SystemExit) as e:
+            load_script("gsm8k").main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def own_manifest(tmp_path, monkeypatch):
+    """data/fetch.py with a manifest of our own (no SHA-256s, downloads from a closed port), a fresh cache and
+    DATA_MIRROR = tmp_path/mirror."""
+    def use(dataset, *names):
+        files = {n: {"url": "http://127.0.0.1:9/" + n, "sha256": None, "size": None} for n in names}
+        (tmp_path / "manifest.json").write_text(json.dumps({dataset: {"files": files}}))
+        (tmp_path / "mirror" / dataset).mkdir(parents=True, exist_ok=True)
+        return tmp_path / "cache" / dataset, tmp_path / "mirror" / dataset
+    monkeypatch.setattr(F, "MANIFEST", tmp_path / "manifest.json")
+    monkeypatch.setattr(F, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("DATA_MIRROR", str(tmp_path / "mirror"))
+    return use
+
+
+def test_alpaca_takes_the_full_file_else_the_sample(tmp_path, model_dir, own_manifest, capsys):
+    cache, mirror = own_manifest("alpaca", "alpaca_data.json", "alpaca_data_1k.json")
+    (mirror / "alpaca_data_1k.json").write_text(json.dumps(ALPACA[:4]), encoding="utf-8")
+    script, argv = load_script("alpaca"), ["--out_dir", str(tmp_path / "out"), "--model", str(model_dir)]
+    meta = script.main(argv)
+    assert f"raw data: {mirror / 'alpaca_data_1k.json'}\n" in capsys.readouterr().out
+    assert meta["source"].endswith("mirror/alpaca/alpaca_data_1k.json") and sum(meta["examples"].values()) == 4
+    cache.mkdir(parents=True)
+    (cache / "alpaca_data.json").write_text(json.dumps(ALPACA), encoding="utf-8")
+    meta = script.main(argv)
+    assert f"raw data: {cache / 'alpaca_data.json'}\n" in capsys.readouterr().out
+    assert meta["source"].endswith("cache/alpaca/alpaca_data.json") and sum(meta["examples"].values()) == 6
+
+
+def test_no_raw_data_is_one_line_before_any_work(tmp_path, own_manifest):
+    own_manifest("gsm8k", "train.jsonl", "test.jsonl")
+    with pytest.raises(F.DataUnavailable) as e:
+        load_script("gsm8k").main(["--out_dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")])
+    assert str(e.value).startswith("gsm8k/train.jsonl: not in ") and "DATA_MIRROR" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pydocs_tarball_gives_the_pages_of_the_jsonl_form(tmp_path, model_dir):
+    """CPython's source tarball (Doc/**/*.rst but Doc/README.rst) and the jsonl of the same pages, sorted by
+    path as the mirror's is, make the same token files."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with gzip.open(tmp_path / "a" / "pages.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(p) + "\n" for p in sorted(PAGES, key=lambda p: p["path"])))
+    members = {"Doc/" + p["path"]: p["text"] for p in PAGES}
+    members.update({"Doc/README.rst": "How to build the docs", "Lib/idlelib/help.rst": "no page", "Doc/conf.py": "x"})
+    with tarfile.open(tmp_path / "b" / "Python-3.11.2.tar.xz", "w:xz") as tar:
+        for name, text in members.items():
+            member = tarfile.TarInfo("Python-3.11.2/" + name)
+            member.size = len(text.encode("utf-8"))
+            tar.addfile(member, io.BytesIO(text.encode("utf-8")))
+    script, model = load_script("pydocs"), ["--model", str(model_dir)]
+    meta_a = script.main(["--src", str(tmp_path / "a" / "pages.jsonl.gz"), "--out_dir", str(tmp_path / "out_a"), *model])
+    meta_b = script.main(["--src", str(tmp_path / "b"), "--out_dir", str(tmp_path / "out_b")] + model)
+    assert meta_a["examples"] == meta_b["examples"] == {"train": 3, "val": 1}
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "out_a" / name).read_bytes() == (tmp_path / "out_b" / name).read_bytes()
+
+
+def test_shakespeare_from_the_listed_file(tmp_path, model_dir, tokenizer):
+    path = raw_file("tinyshakespeare", "input.txt")
+    meta = load_script("shakespeare").main(["--out_dir", str(tmp_path / "out"), "--model", str(model_dir)])
+    assert (ROOT / meta["source"]).resolve() == path.resolve()
+    text = path.read_text(encoding="utf-8")
+    n = int(0.9 * len(text))
+    assert tokenizer.decode(read_split(tmp_path / "out", meta, "train")[0].tolist()) == text[:n]
+    assert tokenizer.decode(read_split(tmp_path / "out", meta, "val")[0].tolist()) == text[n:]

@@ -152,7 +152,7 @@ def test_partial_download_is_resumed(tmp_path, hub, server_range):
     stage = out.parent / (out.name + ".partial")  # where an interrupted download left its files
     stage.mkdir(parents=True)
     have = len(full) if server_range == "part-complete" else len(full) // 3
-    (stage / "model.safetensors.part").write_bytes(full[:have])
+    (stage / "model.safetensors.partial").write_bytes(full[:have])
     hub.honour_range = server_range != "ignored"
     download.download_hub("owner/tiny", out)
     weights = [r for r in hub.requests if r["path"].endswith("/model.safetensors")]
@@ -302,3 +302,12 @@ def test_gguf_conversion_refuses_what_it_cannot_represent(tmp_path, change, mess
     with pytest.raises(ValueError, match=message):
         download.convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_old_option_spellings_are_refused(tmp_path, capsys):
+    for argv, message in ((["owner/tiny", "--out", str(tmp_path / "m")], "--out is now --out_dir"),
+                          (["owner/tiny", "--out_d", str(tmp_path / "m")], "unrecognized arguments: --out_d")):
+        with pytest.raises(SystemExit) as e:
+            download.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

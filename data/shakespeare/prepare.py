@@ -1,12 +1,12 @@
 """
 Tiny Shakespeare -> data/shakespeare/{train,val}.bin, meta.json (plain text, no loss mask).
 
-Raw data (default ../shared/data/tinyshakespeare/): input.txt (1,115,394 characters, public domain), from
-  https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+Raw data: input.txt (1,115,394 characters, public domain), data/manifest.json's "tinyshakespeare"
+(karpathy/char-rnn), or --src DIR|FILE of your own.
 
 train: the first 90% of the characters, val: the last 10%, each encoded as one document.
 
-    python data/shakespeare/prepare.py [--src DIR|FILE] [--model DIR] [--out DIR]
+    python data/shakespeare/prepare.py [--src DIR|FILE] [--model DIR] [--out_dir DIR]
 """
 import sys
 from pathlib import Path
@@ -14,12 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/, for common.py
 import common  # noqa: E402
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
 
 def main(argv=None):
-    args = common.parse_args(__doc__, __file__, "tinyshakespeare", argv)
-    path = common.source_file(args.src, "input.txt", what="input.txt (Tiny Shakespeare, plain text)", url=URL)
+    args = common.parse_args(__doc__, __file__, argv)
+    path = common.raw_file(args, "tinyshakespeare", "input.txt", what="input.txt (Tiny Shakespeare, plain text)")
     tok = common.load_tokenizer(args.model)
     text = path.read_text(encoding="utf-8")
     n = int(0.9 * len(text))
