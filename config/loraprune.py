@@ -1,4 +1,4 @@
-# LoRAPrune (shared/docs/ALGORITHMS.md §2) on the default model: LoRA r=8 on every projection while the heads
+# LoRAPrune (docs/ALGORITHMS.md §2) on the default model: LoRA r=8 on every projection while the heads
 # and MLP channels of the frozen base are masked every 10 optimizer steps along a cubic schedule (10% warm-up,
 # 10% cool-down) up to struct_sparsity of ALL parameters, lowest LoRA-guided importance first
 # (G_W ~ s (G_B A + B G_A - G_B G_A), element importance (G_W * (W0 + s B A))^2, moving average lambda = 0.9);
