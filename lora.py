@@ -56,9 +56,8 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        # The low-rank path runs in x's dtype: a bf16 model keeps A and B in fp32 but multiplies in bf16,
-        # as autocast would. s and m scale B's r columns, and the sum is one addmm: on CPU this path
-        # costs half of what y + s * ((x A^T * m) B^T) in fp32 does (bench.py).
+        # the low-rank path in x's dtype (fp32 A and B, bf16 matmuls in a bf16 model, as autocast would);
+        # s and m scale B's r columns, and the sum is one addmm
         A = self.lora_A.to(x.dtype)
         B = (self.lora_B * (self.rank_mask * self.scale)).to(x.dtype)  # (out, r) = s B diag(m)
         h = F.linear(self.dropout(x), A)  # (..., r)
@@ -77,7 +76,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={int(self.rank_mask.sum())}, scale={self.scale:g}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
 
 
 def lora_modules(model):

@@ -10,7 +10,7 @@ head each reads, MLP width) are part of the config, so a structurally pruned mod
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -376,12 +376,8 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 
 # ----------------------------------------------------------------------------- Hugging Face config.json
-HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
-           "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
-           "rope_scaling": "rope_scaling", "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings",
-           "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "layer_kv_map": "layer_kv_map",
-           "layer_intermediate": "layer_intermediate"}
+HF_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+            "max_seq_len": "max_position_embeddings"}  # the other fields have Hugging Face's names
 # a folder whose layers have their own widths is marked with a model type transformers does not know: it fails
 # there at once, by name, instead of on mismatched tensor shapes
 PER_LAYER_TYPE = "llama_per_layer_widths"
@@ -404,7 +400,8 @@ def config_from_hf(hf, where="config.json"):
     if isinstance(rope, dict):
         hf = {**hf, "rope_theta": rope.get("rope_theta", hf.get("rope_theta")),
               "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
-    kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items() if hf.get(theirs) is not None}
+    kw = {f.name: hf[HF_NAMES.get(f.name, f.name)] for f in fields(ModelConfig)
+          if hf.get(HF_NAMES.get(f.name, f.name)) is not None}
     kw.setdefault("n_kv_head", kw["n_head"])
     if "head_dim" not in kw:
         if kw["hidden_size"] % kw["n_head"]:
@@ -420,26 +417,23 @@ def check_config(cfg, where="config"):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             raise ValueError(f"{where}: {name} must be a positive integer, got {getattr(cfg, name)!r}")
-    if cfg.n_head % cfg.n_kv_head:
-        raise ValueError(f"{where}: num_key_value_heads {cfg.n_kv_head} does not divide num_attention_heads {cfg.n_head}")
-    if cfg.head_dim % 2:
-        raise ValueError(f"{where}: head_dim {cfg.head_dim} must be even for rotary embeddings")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
-    if kind not in (None, "default", "llama3"):
-        raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-    for name in ("layer_kv_map", "layer_intermediate"):
-        if getattr(cfg, name) is not None and len(getattr(cfg, name)) != cfg.n_layer:
-            raise ValueError(f"{where}: {name} has {len(getattr(cfg, name))} entries for {cfg.n_layer} layers")
-    if any(not kv_map for kv_map in cfg.layer_kv_map or []):
-        raise ValueError(f"{where}: layer {[len(m) for m in cfg.layer_kv_map].index(0)} has no attention heads left")
+    problems = [(cfg.n_head % cfg.n_kv_head, f"num_key_value_heads {cfg.n_kv_head} does not divide "
+                                             f"num_attention_heads {cfg.n_head}"),
+                (cfg.head_dim % 2, f"head_dim {cfg.head_dim} must be even for rotary embeddings"),
+                (kind not in (None, "default", "llama3"), f"rope_scaling type {kind!r} is not supported (only 'llama3')")]
+    problems += [(v is not None and len(v) != cfg.n_layer, f"{name} has {len(v or [])} entries for {cfg.n_layer} layers")
+                 for name, v in (("layer_kv_map", cfg.layer_kv_map), ("layer_intermediate", cfg.layer_intermediate))]
+    problems += [(not m, f"layer {l} has no attention heads left") for l, m in enumerate(cfg.layer_kv_map or [])]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"{where}: {message}")
 
 
 def config_to_hf(cfg):
     per_layer = cfg.layer_kv_map is not None or cfg.layer_intermediate is not None
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": PER_LAYER_TYPE if per_layer else "llama",
-          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-    hf.update({theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS.items()
-               if getattr(cfg, ours) is not None or ours not in ("layer_kv_map", "layer_intermediate")})
-    if per_layer:
-        hf["note"] = "per-layer widths (layer_kv_map, layer_intermediate): loads with lora-prune's model.py only"
-    return hf
+    hf = {HF_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in fields(cfg)
+          if getattr(cfg, f.name) is not None or not f.name.startswith("layer_")}
+    note = "per-layer widths (layer_kv_map, layer_intermediate): loads with lora-prune's model.py only"
+    return {"architectures": ["LlamaForCausalLM"], "model_type": PER_LAYER_TYPE if per_layer else "llama",
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **hf, **({"note": note} if per_layer else {})}

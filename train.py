@@ -82,9 +82,9 @@ struct_whole_groups = False  # prune whole GQA groups (a key/value head with its
 # AdamW on the adapters, the learning rate warmed up linearly then decayed along a cosine to min_lr
 learning_rate = 2e-4      # peak learning rate
 max_iters = 100           # optimizer steps
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.999
+weight_decay = 0.0        # AdamW's decoupled weight decay of the adapters
+beta1 = 0.9               # AdamW's first-moment decay
+beta2 = 0.999             # AdamW's second-moment decay
 grad_clip = 1.0           # clip the gradient norm at this value (0: no clipping)
 skip_nonfinite = False    # a NaN/Inf loss skips its step (no update, counted) instead of stopping the run
 decay_lr = True           # False: a constant learning rate

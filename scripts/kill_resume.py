@@ -59,7 +59,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def losses(stdout):
-    return {int(m[1]): m[2] for m in re.finditer(r"^iter (\d+): loss ([\d.]+)", stdout, re.M)}
+    return {int(m[1]): m[2] for m in re.finditer(r"^iter (\d+)/\d+: loss ([\d.]+)", stdout, re.M)}
 
 
 def kill_run(folder, out, aim_at_write, rng):

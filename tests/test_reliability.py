@@ -161,7 +161,7 @@ def foreign_checkpoint(tmp, good, data):
                                                      "lora_targets": ("q_proj",), "use_rslora": False},
                 "model_config": tiny_model(hidden_size=16, vocab_size=VOCAB).config.to_hf(), "iter_num": 5},
                tmp / "out" / "ckpt.pt")
-    return train(tmp, good, data, init_from="resume")  # with --model_dir=good
+    return train(tmp, good, data, init_from="resume")  # with --model=good
 
 
 def broken_checkpoint(tmp, good, data):
@@ -328,7 +328,7 @@ CASES = {
                                     ["init_from='resume'", "no", "ckpt.pt"]),
     "resume a checkpoint of another model": (lambda t, g, d, m: foreign_checkpoint(t, g, d),
                                              ["ckpt.pt was made for the model", "'hidden_size': 16", "not for",
-                                              "'hidden_size': 32", "--model_dir="]),
+                                              "'hidden_size': 32", "--model="]),
     "resume a damaged checkpoint": (lambda t, g, d, m: broken_checkpoint(t, g, d),
                                     ["ckpt.pt cannot be read (PytorchStreamReader failed", "damaged"]),
 }
@@ -427,7 +427,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
     m = re.search(r"iter (\d+): loss nan, grad norm nan: not finite, stopping before the update", err)
     assert code != 0 and m and "--skip_nonfinite=True" in err and "Traceback" not in err, err[-2000:]
     bad = int(m[1])
-    assert bad >= 2 and f"iter {bad - 1}: loss" in out  # the run got past its first checkpoint
+    assert bad >= 2 and f"iter {bad - 1}/" in out  # the run got past its first checkpoint
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["iter_num"] == bad - bad % 2
     assert all(torch.isfinite(t).all() for t in ckpt["adapter"].values())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, tiny_model
-from configurator import configure
+from configurator import configure, settings
 
 VOCAB, T = 97, 32
 
@@ -45,7 +45,7 @@ def tiny_data(tmp_path_factory):
 
 
 def base_args(model, data, out, **kw):
-    args = dict(model_dir=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, lora_alpha=16,
+    args = dict(model=model, data_dir=data, out_dir=out, block_size=T, batch_size=2, lora_r=4, lora_alpha=16,
                 rank_prune=False, dtype="float32", device="cpu", eval_iters=2, warmup_iters=2, learning_rate=1e-2,
                 min_lr=1e-3)
     args.update(kw)
@@ -63,7 +63,7 @@ def train(args, launcher=(sys.executable,), check=True):
 def logged(stdout):
     """{iter: (loss, grad norm)} and {step: (train loss, val loss)} from the log lines."""
     iters = {int(m[1]): (float(m[2]), float(m[3]))
-             for m in re.finditer(r"^iter (\d+): loss ([\d.]+), lr \S+, grad norm ([\d.]+)", stdout, re.M)}
+             for m in re.finditer(r"^iter (\d+)/\d+: loss ([\d.]+), lr \S+, grad norm ([\d.]+)", stdout, re.M)}
     evals = {int(m[1]): (float(m[2]), float(m[3]))
              for m in re.finditer(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", stdout, re.M)}
     return iters, evals
@@ -155,6 +155,11 @@ def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path,
     a, b = adapter_tensors(killed), adapter_tensors(whole)
     assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], atol=1e-6, rtol=0) for n in a)
     assert not all(torch.equal(b[n], 0 * b[n]) for n in b if "lora_B" in n)
+    metrics = lambda out: [{k: v for k, v in m.items() if k != "ms"}
+                           for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert metrics(killed) == pytest.approx(metrics(whole), abs=1e-6)  # a line per logged iteration and evaluation
+    assert [m["iter"] for m in metrics(whole) if "loss" in m] == list(range(end))
+    assert [m["iter"] for m in metrics(whole) if "val_loss" in m] == list(range(0, end + 1, 3)) + [end] * (end % 3 > 0)
     if pruning:
         log = lambda out: [json.loads(line) for line in (out / "rank_pruning.jsonl").read_text().splitlines()]
         assert [e["step"] for e in log(killed)] == [e["step"] for e in log(whole)] == [7, 9]
@@ -231,7 +236,7 @@ def test_configurator_checks_keys_and_types(tmp_path, capsys):
     for bad, words in ((["--nope=3"], ["unknown key 'nope'", "3"]),
                        (["--iters=2.5"], ["iters=2.5", "float", "expected type int"]),
                        (["--flag=1"], ["flag=1", "expected type bool"]),
-                       (["--iters"], ["--key=value"])):
+                       (["--iters"], ["--iters=VALUE"])):
         with pytest.raises(SystemExit) as e:
             configure(dict(config), bad)
         assert all(w in str(e.value) for w in words), str(e.value)
@@ -241,6 +246,41 @@ def test_configurator_checks_keys_and_types(tmp_path, capsys):
     cfg_file.write_text("learning_rat = 1e-4\n")
     with pytest.raises(SystemExit, match="learning_rat"):
         configure(config, [str(cfg_file)])
+
+
+def test_configurator_takes_key_value_and_true_false_and_names_what_is_near():
+    config = dict(learning_rate=1e-3, iters=10, name="x", flag=False)
+    assert configure(config, ["--iters", "5", "--flag", "true", "--name", "y", "--flag=False"]) == {"iters", "flag", "name"}
+    assert config == dict(learning_rate=1e-3, iters=5, name="y", flag=False)
+    with pytest.raises(SystemExit, match="unknown key 'learning_rat'.*did you mean 'learning_rate'"):
+        configure(config, ["--learning_rat=1e-4"])
+    with pytest.raises(SystemExit, match="--model_dir is now --model"):
+        configure(dict(model="m"), ["--model_dir=x"], renamed={"model_dir": "model"})
+
+
+def train_settings():
+    """train.py's settings block, run on its own."""
+    block = (ROOT / "train.py").read_text().split("# " + "-" * 77 + " settings\n")[1].split("# " + "-" * 77 + "\n")[0]
+    scope = {}
+    exec(block, scope)
+    return settings(scope)
+
+
+def test_help_lists_every_setting_with_its_default_and_meaning():
+    for flag in ("--help", "-h"):
+        r = train([flag])
+        lines = {line.split("=")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  --")}
+        for key, value in train_settings().items():
+            line = lines[f"--{key}"]
+            assert line.split()[0] == f"--{key}={value!r}" and len(line.split()) > 1, line  # a meaning after it
+    assert "python train.py" in r.stdout  # the script's own docstring first
+
+
+def test_every_config_file_sets_settings_train_py_has():
+    files = sorted((ROOT / "config").glob("*.py"))
+    assert len(files) >= 6
+    for f in files:
+        assert configure(train_settings(), [str(f)])
 
 
 def test_train_rejects_bad_config_without_traceback():
