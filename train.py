@@ -33,8 +33,7 @@ from checkpoint import atomic_open
 from configurator import configure
 from lora import apply_lora, lora_modules, save_adapter, save_merged
 from model import Transformer
-from prune import (RANK_DEFAULTS, RANK_METHODS, STATISTICS, accumulate_fisher, average_over_processes,
-                   rank_prune_state, rank_prune_step, rank_schedule_end, reset_statistics, slice_adapters)
+import prunedlora
 from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan  # LoRAPrune (§2)
 
 # ----------------------------------------------------------------------------- default config
@@ -63,7 +62,7 @@ lora_targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 
 use_rslora = False
 # rank pruning of the adapters (PrunedLoRA): from lora_r down to rank_target while training
 rank_prune = True         # False: plain LoRA at rank lora_r (config/lora_gsm8k.py)
-globals().update(RANK_DEFAULTS)  # rank_method, rank_target, rank_every (K1), rank_k (K2), ...: see prune.py
+globals().update(prunedlora.DEFAULTS)  # rank_method, rank_target, rank_every (K1), rank_k (K2), ...: see prunedlora.py
 rank_every, rank_start = 2, 10  # 28 events of K2 = 2 over iters 10..66 of 100 (CUDA_DEFAULTS: the paper's K1 = 10)
 # structured pruning of the base (LoRAPrune): heads and MLP channels are masked along a cubic schedule while
 # training and removed for real at the end; the smaller merged model goes to out_dir/merged
@@ -180,7 +179,7 @@ if init_from == 'resume':
     for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'):  # the adapter's shape is the checkpoint's
         globals()[k] = config[k] = checkpoint['config'][k]
     data_keys = ('dataset', 'data_dir') if not {'dataset', 'data_dir'} & overridden else ()  # one setting, the data
-    for k in ('rank_prune', *RANK_DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups',
+    for k in ('rank_prune', *prunedlora.DEFAULTS, 'struct_prune', 'struct_sparsity', 'struct_every', 'struct_whole_groups',
               *data_keys):
         if k not in overridden and k in checkpoint['config']:  # the run goes on as it was started
             globals()[k] = config[k] = checkpoint['config'][k]
@@ -199,7 +198,7 @@ for key, ok, expected in (  # settings that would fail deep inside the run (or w
                                                         'eval_interval', 'eval_iters', 'log_interval', 'rank_every',
                                                         'rank_k', 'rank_target', 'struct_every')),
         ('max_iters', max_iters >= (0 if eval_only else 1), 'at least 0 with eval_only' if eval_only else 'at least 1'),
-        ('rank_method', rank_method in RANK_METHODS, f'one of {RANK_METHODS}'),
+        ('rank_method', rank_method in prunedlora.METHODS, f'one of {prunedlora.METHODS}'),
         ('rank_allocation', rank_allocation in ('uniform', 'global'), "'uniform' or 'global'"),
         ('rank_recovery_side', rank_recovery_side in ('B', 'AB'), "'B' or 'AB'"),
         ('lora_targets', len(lora_targets) > 0, 'at least one projection'),
@@ -292,25 +291,15 @@ optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), we
 batch_gen = torch.Generator().manual_seed(seed)  # draws the training batches; its state is checkpointed
 torch.manual_seed(seed + rank)                   # dropout differs between processes, like their data
 iter_num, best_val_loss, struct_average = 0, 1e9, None  # struct_average: LoRAPrune's importance average
-rank_state = rank_prune_state(rank_seed, rank_recovery_side) if rank_prune else None  # statistics since the last event
-
-
-def to_device(x):  # the rank-pruning statistics of a checkpoint (loaded on the CPU) back onto the device
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v) for v in x)
-    return {k: to_device(v) for k, v in x.items()} if isinstance(x, dict) else x.to(device) if torch.is_tensor(x) else x
+rank_cfg = {k: globals()[k] for k in prunedlora.DEFAULTS}
+rank_state = prunedlora.new_state(rank_cfg) if rank_prune else None  # statistics since the last event
 
 
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     struct_average = checkpoint.get('struct_average')
     if rank_prune and checkpoint.get('rank_state'):
-        saved = checkpoint['rank_state']
-        rank_state |= to_device(saved) | {'generator': torch.Generator().set_state(saved['generator']),
-                                          'sides': rank_state['sides']}
-        if not set(rank_state['sides']) <= set(saved.get('sides', 'AB')):  # rank_recovery_side='AB' from here on
-            say(f"rank_recovery_side={rank_recovery_side!r}: the checkpoint has no statistics of A; they start here")
-            reset_statistics(rank_state)
+        prunedlora.load_state_dict(rank_state, checkpoint['rank_state'], say=say, device=device)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     batch_gen.set_state(checkpoint['rng']['batches'])
     rng = checkpoint['rng']['torch'][rank if len(checkpoint['rng']['torch']) == world_size else 0]
@@ -354,16 +343,6 @@ def estimate_loss():
     return out
 
 
-def rank_state_to_save():
-    """The rank-pruning statistics, the generator as its state. Under DDP the sums an event averages over the
-    processes are saved averaged (every process resumes from that mean: the next event's average is unchanged).
-    last_grad is rewritten at the next micro-step before anything reads it."""
-    state = rank_state | {'last_grad': {}, 'generator': rank_state['generator'].get_state()}
-    state |= {key: {name: t.clone() for name, t in state[key].items()} for key in STATISTICS} if ddp else {}
-    average_over_processes(state)
-    return state
-
-
 def save_checkpoint():
     """Everything to continue exactly: adapters (with rank masks), optimizer, every process's RNG, the batch
     sampler's RNG, the rank-pruning statistics. Plain tensors and Python values only, so torch.load(weights_only=True)
@@ -372,7 +351,7 @@ def save_checkpoint():
     rngs = [rng] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng)
-    saved_rank_state = rank_state_to_save() if rank_prune else None  # on every process (DDP all-reduce)
+    saved_rank_state = prunedlora.state_dict(rank_state) if rank_prune else None  # on every process (DDP all-reduce)
     if not master:
         return
     ckpt = {'adapter': {k: v for k, v in raw_model.state_dict().items() if k.rsplit('.', 1)[-1] in ADAPTER_TENSORS},
@@ -414,10 +393,9 @@ def logged_step(line):  # the step of a line of rank_pruning.jsonl; a line cut s
 
 # ----------------------------------------------------------------------------- training loop
 if rank_prune:  # a fixed held-out batch measures each pruning event's actual loss change
-    rank_cfg = {k: globals()[k] for k in RANK_DEFAULTS}
     heldout = get_batch('val', batch_size, torch.Generator().manual_seed(seed + 2))
-    if rank_schedule_end(lora_r, rank_cfg) > max_iters:
-        say(f"warning: the rank schedule ends at iter {rank_schedule_end(lora_r, rank_cfg)}, after max_iters={max_iters}")
+    if prunedlora.schedule_end(lora_r, rank_cfg) > max_iters:
+        say(f"warning: the rank schedule ends at iter {prunedlora.schedule_end(lora_r, rank_cfg)}, after max_iters={max_iters}")
     events_log = Path(out_dir) / 'rank_pruning.jsonl'
     if master and not eval_only:  # a new run starts a new log; a resumed one forgets the events after its checkpoint
         kept = [line for line in events_log.read_text().splitlines() if logged_step(line) <= iter_num] \
@@ -456,7 +434,7 @@ while True:
             loss.backward()
         loss_sum += loss.detach()
         if rank_prune:  # the micro-batch's gradient and its outer product, for the pruning scores
-            accumulate_fisher(raw_model, rank_state, micro_step, local_accum, batch_size)
+            prunedlora.accumulate(raw_model, rank_state, micro_step, local_accum, batch_size)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     finite = torch.isfinite(loss_sum + grad_norm).float()  # the gradients are all-reduced: NaN anywhere is NaN here
     if ddp:
@@ -469,7 +447,7 @@ while True:
         skipped += 1
         say(f"iter {iter_num}: loss {loss_sum.item()}, not finite: step skipped ({skipped} skipped so far)")
         if rank_prune:  # the sums since the last event hold this step's NaN: start them afresh
-            reset_statistics(rank_state)
+            prunedlora.reset(rank_state)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         continue
@@ -479,10 +457,10 @@ while True:
         if iter_num % struct_every == 0 or iter_num == max_iters - 1:
             say(f"iter {iter_num}: {masked_params(raw_model) / count_params(raw_model):.2%} of all parameters masked")
     optimizer.step()
-    # ------------------------------------------------------------------------- pruning schedule (prune.py)
+    # ------------------------------------------------------------------------- pruning schedule (prunedlora.py)
     # after the step, before zero_grad: p.grad still holds this step's gradients, the same on every process
-    if rank_prune:  # every rank_every steps: score -> choose -> recovery update -> mask (prune.py section 1)
-        event = rank_prune_step(raw_model, optimizer, iter_num + 1, rank_cfg, rank_state, heldout)
+    if rank_prune:  # every rank_every steps: score -> choose -> recovery update -> mask (prunedlora.py)
+        event = prunedlora.step(raw_model, optimizer, iter_num + 1, rank_cfg, rank_state, heldout)
         if event:
             say(f"iter {iter_num}: pruned {event['pruned']} rank components, rank mean {event['rank_mean']:.2f} "
                 f"(min {event['rank_min']}, max {event['rank_max']}); loss change predicted {event['predicted']:.5f}, "
@@ -507,7 +485,7 @@ while True:
 # ----------------------------------------------------------------------------- the result
 if master and not eval_only:
     if rank_prune:
-        slice_adapters(raw_model)  # A and B at their exact final ranks
+        prunedlora.slice_adapters(raw_model)  # A and B at their exact final ranks
     if struct_prune:  # remove the masked heads and channels for real: a smaller ordinary model
         dense = count_params(raw_model)
         compact(raw_model)
