@@ -14,8 +14,8 @@ Rows (one per combination of the comma-separated options)
            positions count (targets -1 / labels -100 before: instruction tuning); all: every position counts.
   compact  the same step, ours dense against ours with half of every layer's query heads and MLP channels
            removed by prune.compact (transformers has no per-layer widths, so there is no "theirs").
-  rankprune  ours alone: PrunedLoRA's cost at its start rank (--rank0), the step against accumulate_fisher after
-           its backward and a pruning event (rank_prune_step) every --k1 steps: the share they add to training.
+  rankprune  ours alone: PrunedLoRA's cost at its start rank (--rank0), the step against prunedlora.accumulate after
+           its backward and a pruning event (prunedlora.step) every --k1 steps: the share they add to training.
   loraprune  ours alone: LoRAPrune's cost at rank --rank, the step against the importance update after its
            backward (loraprune_update) and a masking step (loraprune_step, 20% sparsity) every 10 steps.
   prefill  one forward over --seq tokens filling the KV cache, logits of the last position only (no LoRA).
@@ -56,10 +56,10 @@ from pathlib import Path
 
 import torch
 
+import prunedlora
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
-from prune import (accumulate_fisher, active_ranks, add_masks, loraprune_step, loraprune_update, masked_params,
-                   rank_prune_state, rank_prune_step)
+from prune import add_masks, loraprune_step, loraprune_update, masked_params
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -388,24 +388,24 @@ def overhead_sides(times, B, T):
 
 def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     """PrunedLoRA's own cost on top of the training step, at its start rank r0 (the most it costs): the
-    statistics taken after every backward (accumulate_fisher: two r0 x r0 Gram matrices per adapter) and, every
-    K1 steps, a pruning event (rank_prune_step: scores, choice, recovery update, masks; K2 = 2 components of
-    every adapter). The event column includes one accumulate_fisher; overhead = (fisher + (event - fisher) / K1)
+    statistics taken after every backward (prunedlora.accumulate: two r0 x r0 Gram matrices per adapter) and, every
+    K1 steps, a pruning event (prunedlora.step: scores, choice, recovery update, masks; K2 = 2 components of
+    every adapter). The event column includes one accumulate; overhead = (fisher + (event - fisher) / K1)
     / step, the time they add to training."""
     x, y, labels, _ = batch(vocab, B, args.seq, loss, args.answer, args.device)
     step, model, opt = training_step("ours", shape, dtype, args.device, args.model, r0, x, y, labels,
                                      mode == "compile")
     with_grads = with_gradients_aside(model, step, x, y)
-    cfg = dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
-    running, state = rank_prune_state(), rank_prune_state()  # sums as between events (the fisher column); events'
+    cfg = prunedlora.DEFAULTS | dict(rank_every=args.k1, rank_k=2, rank_target=1, rank_ranking_test=False)
+    running, state = prunedlora.new_state(cfg), prunedlora.new_state(cfg)  # sums between events (fisher); events'
     steps, events = itertools.count(args.k1, args.k1), []
 
     def fisher(into):  # the statistics of one step, from the gradients kept aside
-        with_grads(lambda: accumulate_fisher(model, into))
+        with_grads(lambda: prunedlora.accumulate(model, into))
 
     def event():  # a pruning event, after the one step of statistics it needs
         fisher(state)
-        events.append(rank_prune_step(model, opt, next(steps), cfg, state) is not None)
+        events.append(prunedlora.step(model, opt, next(steps), cfg, state) is not None)
 
     fns = dict(step=step, fisher=lambda: fisher(running), event=event)
     times = timed(fns, args.steps, args.repeats, args.warmup, args.device)
@@ -415,7 +415,7 @@ def rank_pruning_row(args, shape, dtype_name, dtype, B, r0, loss, mode, vocab):
     return dict(kind="rankprune", shape=shape, dtype=dtype_name, B=B, T=args.seq, r=r0, loss=loss, mode=mode,
                 k1=args.k1, overhead=(fisher_ms + (event_ms - fisher_ms) / args.k1) / step_ms,
                 sides=overhead_sides(times, B, args.seq),
-                events=len(events), ranks_after=sorted(set(active_ranks(lora_modules(model)).values())))
+                events=len(events), ranks_after=sorted(set(prunedlora.active_ranks(lora_modules(model)).values())))
 
 
 def loraprune_row(args, shape, dtype_name, dtype, B, r, loss, mode, vocab, every=10):

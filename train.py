@@ -238,7 +238,7 @@ if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     struct_average = checkpoint.get('struct_average')
     if rank_prune and checkpoint.get('rank_state'):
-        prunedlora.load_state_dict(rank_state, checkpoint['rank_state'], say)
+        prunedlora.load_state_dict(rank_state, checkpoint['rank_state'], say, device=device)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     batch_gen.set_state(checkpoint['rng']['batches'])
     rng = checkpoint['rng']['torch'][rank if len(checkpoint['rng']['torch']) == world_size else 0]

@@ -22,7 +22,7 @@ from plotting import pyplot, save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prune import spearman  # noqa: E402
+from prunedlora import spearman  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -13,7 +13,7 @@ number of optimizer steps; the adapter it saves is scored by the held-out answer
 prototype's metric, ALGORITHMS.md §1) and, with --gsm8k, by eval.py's zero-shot chat GSM8K accuracy.
 Rows:
   LoRA baselines at the final rank: r=8 alpha=8 (s=1, the pruned runs' scale), r=8 alpha=16, r=64 alpha=64;
-  PrunedLoRA 64->8 (the defaults of prune.py: scale-correct Fisher score, compensation with trust region);
+  PrunedLoRA 64->8 (the defaults of prunedlora.py: scale-correct Fisher score, compensation with trust region);
   each baseline score 64->8: magnitude, taylor, adalora, random (score only, as published), activation_obs
   (SparseGPT-style, with its own OBS update), prunedlora_paper (the paper's formula and full update);
   ablations: no gradient term (obs), no recovery, magnitude + the same recovery, global allocation,
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from lora import load_adapter  # noqa: E402
 from model import Transformer  # noqa: E402
-from prune import spearman  # noqa: E402
+from prunedlora import spearman  # noqa: E402
 from structured import continue_or_restart  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
