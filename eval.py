@@ -290,7 +290,7 @@ def mc_item(context, choices, gold, delimiter=" "):
 
 
 def load_mc(name):
-    """Every item of a multiple-choice task, in file order."""
+    """Every item of a multiple-choice task other than HellaSwag (read_hellaswag), in file order."""
     if name == "boolq":  # Google's file turned into SuperGLUE's: passage = "{title} -- {passage}"
         return [mc_item(f"{r['title']} -- {r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"],
                         int(r["answer"])) for r in read_jsonl(fetch("boolq", "dev.jsonl"))]
@@ -298,8 +298,6 @@ def load_mc(name):
         labels = fetch("piqa", "valid-labels.lst").read_text().split()
         return [mc_item(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(y))
                 for r, y in zip(read_jsonl(fetch("piqa", "valid.jsonl")), labels, strict=True)]
-    if name == "hellaswag":
-        return read_hellaswag(fetch("hellaswag", "hellaswag_val.jsonl", "hellaswag_val_full.txt.bz2"))
     if name == "winogrande":  # lm-eval's partial evaluation: a context per option (the sentence up to `_`, the
         items = []            # option filled in), the same continuation (the rest of the sentence) after each
         for r, y in zip(read_jsonl(fetch("winogrande", "dev.jsonl")),
@@ -362,6 +360,9 @@ def wikitext_detokenizer(string):
 
 def read_data(name):
     """A task's data: {"rows": all its rows in file order (--limit takes the first N), and what else it needs}."""
+    if name == "hellaswag":  # the results name the form read (docs/EVAL.md "Details that change numbers")
+        path = fetch("hellaswag", "hellaswag_val.jsonl", "hellaswag_val_full.txt.bz2")
+        return {"rows": read_hellaswag(path), "file": path.name}
     if name in MC_TASKS:
         return {"rows": load_mc(name)}
     if name == "gsm8k":  # the first 5 train examples are the exemplars
@@ -390,7 +391,8 @@ def run_task(name, data, model, tok, args, meter=quiet):
         header = dict(model=str(Path(args.model).resolve()), adapter=args.adapter and str(Path(args.adapter).resolve()),
                       dtype=args.dtype, task=name)
         store = open_store(Path(args.use_cache) / f"{name}.jsonl", header)
-    return score_mc(model, tok, rows, args.batch_size, store, meter)
+    file = {"file": data["file"]} if "file" in data else {}  # HellaSwag's: the form read
+    return score_mc(model, tok, rows, args.batch_size, store, meter) | file
 
 
 def open_store(path, header):

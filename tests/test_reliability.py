@@ -201,6 +201,7 @@ def no_raw_data(tmp, monkeypatch):
         monkeypatch.setenv(key, "http://127.0.0.1:9")
     for key in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DATA_MIRROR", str(tmp / "mirror"))  # what --data sets in this process, restored after
     return user_files(tmp / "mirror")
 
 
