@@ -484,6 +484,15 @@ def record(out, name, res, rows, limit):
     out["total_evaluation_time_seconds"] = str(round(time.time() - out["date"], 1))
 
 
+def git_commit():
+    """`git describe --always --dirty` of this code (lm-eval's git_hash), or None outside a git clone."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True).stdout.strip() or None
+    except OSError:  # no git
+        return None
+
+
 def print_row(name, res):
     for key, value in res.items():
         if isinstance(value, float) and "_stderr" not in key and key != "seconds":
@@ -582,11 +591,9 @@ def main():
         model, tok = load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True,
-                         text=True).stdout.strip()
     config = {k: getattr(args, k) for k in ("model", "model_args", "batch_size", "device", "limit", "use_cache",
                                             "max_length", "ppl_ctx", "ppl_windows", "gsm8k_mode", "max_new_tokens")}
-    out = {"results": {}, "n-samples": {}, "n-shot": {}, "versions": {}, "details": {}, "git_hash": git or None,
+    out = {"results": {}, "n-samples": {}, "n-shot": {}, "versions": {}, "details": {}, "git_hash": git_commit(),
            "date": time.time(), "config": config | {"data_mirror": os.environ.get("DATA_MIRROR")}}
     print(f"{'task':<14} {'metric':<28} {'value':>10} {'stderr':>8} {'rows':>6} {'seconds':>8}")
     for name in args.names:
