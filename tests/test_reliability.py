@@ -192,6 +192,19 @@ def pypi_unreachable(tmp, monkeypatch):
     return "download.py", ["--out_dir", tmp / "model"]
 
 
+def no_raw_data(tmp, monkeypatch):
+    """An empty folder for eval.py --data, an empty data cache (in this process) and downloads refused (a proxy
+    nobody listens on): every raw data file is out of reach."""
+    import data.fetch
+    monkeypatch.setattr(data.fetch, "CACHE", tmp / "cache")
+    for key in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DATA_MIRROR", str(tmp / "mirror"))  # what --data sets in this process, restored after
+    return user_files(tmp / "mirror")
+
+
 def user_files(folder, *names):
     """A folder holding files of the user's (their bytes: their names); the tests check they stay."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,8 +274,17 @@ CASES = {
                                           ["no config.json"]),
     "eval.py --output a folder": (lambda t, g, d, m: ("eval.py", ["--model", g, "--output", user_files(t / "res")]),
                                   ["--output", "a folder is there"]),
-    "eval.py data missing": (lambda t, g, d, m: ("eval.py", ["--model", g, "--tasks", "ptb", "--data", t]),
-                             ["ptb: no", "ptb.test.txt"]),
+    "eval.py data missing (checked before the model loads)": (
+        lambda t, g, d, m: ("eval.py", ["--model", copy_model(g, t, weights=truncate), "--tasks", "ptb", "--data",
+                                        no_raw_data(t, m)]), ["ptb/ptb.test.txt", "DATA_MIRROR", "download", "failed"]),
+    "eval.py unknown task": (lambda t, g, d, m: ("eval.py", ["--model", g, "--tasks", "boolq,mmlu"]),
+                             ["unknown task(s) ['mmlu']", "known: boolq, piqa", "gsm8k, zeroshot"]),
+    "eval.py --task (an abbreviation no more)": (lambda t, g, d, m: ("eval.py", ["--model", g, "--task", "boolq"]),
+                                                 ["--task is now --tasks"]),
+    "eval.py --out (the old spelling)": (lambda t, g, d, m: ("eval.py", ["--model", g, "--out", t / "r.json"]),
+                                         ["--out is now --output"]),
+    "eval.py abbreviated option": (lambda t, g, d, m: ("eval.py", ["--model", g, "--batch", 4]),
+                                   ["unrecognized arguments: --batch 4"]),
     "prompt longer than the context": (lambda t, g, d, m: sample(g, "--prompt", LONG_PROMPT),
                                        ["prompt of 140 tokens leaves no room", "context (64)"]),
     "data token ids outside the vocabulary": (
