@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_open, save_json
 from configurator import renamed
+import lora
 from data.fetch import fetch
-from model import KVCache, Transformer, apply_rope, rope_cos_sin
+from model import KVCache, apply_rope, rope_cos_sin
 from tokenizer import Tokenizer
 
 MC_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -506,31 +507,11 @@ def print_row(name, res):
 
 # ----------------------------------------------------------------------------- CLI
 
-def resolve_model(path, adapter=None):
-    """(model folder, adapter folder or None) of --model: a model folder; a train.py out_dir (its merged/ model,
-    else its adapter/ on the base model it names); or an adapter folder (on the base model it names)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        if (path / "merged" / "config.json").exists():
-            return path / "merged", adapter
-        own = next((a for a in (path / "adapter", path) if (a / "adapter_config.json").exists()), None)
-        if own and adapter:
-            raise ValueError(f"--model {path} holds an adapter ({own}) and --adapter {adapter} names another: give one")
-        if own:
-            adapter, path = own, Path(json.loads((own / "adapter_config.json").read_text())["base_model_name_or_path"])
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json (expected a model folder, a train.py out_dir or an adapter)")
-    return path, adapter
-
-
 def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
-    """The model of resolve_model(path, adapter), its LoRA adapter (peft format) on it, and its tokenizer."""
-    path, adapter = resolve_model(path, adapter)
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    if adapter:
-        from lora import load_adapter  # only needed here
-        load_adapter(model, adapter)
-    return model.eval(), Tokenizer.from_pretrained(path)
+    """The model of --model (a model folder, a train.py run folder or an adapter folder: lora.resolve) with its
+    adapter, and its tokenizer."""
+    model, folder = lora.load_model(path, adapter, dtype, device)
+    return model, Tokenizer.from_pretrained(folder)
 
 
 def parse_args():
@@ -575,7 +556,7 @@ def parse_args():
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         p.error(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device (this torch sees none)")
     try:
-        base, adapter = resolve_model(args.model, args.adapter)
+        base, adapter = lora.resolve(args.model, args.adapter)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     args.model_args = f"pretrained={base}" + (f",peft={adapter}" if adapter else "") + f",dtype={args.dtype}"

@@ -213,24 +213,23 @@ def save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=None, merged=
 # ----------------------------------------------------------------------------- loading what train.py wrote
 def resolve(path, adapter=None):
     """(model folder, adapter folder or None) for a model folder (+ `adapter`), an adapter folder, or a train.py run
-    folder: its adapter/ on the base the adapter names (a merged/ only when there is no adapter)."""
+    folder: its adapter/ on the base the adapter names (its merged/ only when there is no adapter)."""
     path = Path(path)
-    run_adapter, merged = path / "adapter" / "adapter_config.json", path / "merged" / "config.json"
-    if (path / "adapter_config.json").exists():
-        adapter = path
-    elif not (path / "config.json").exists() and run_adapter.exists():
-        adapter = run_adapter.parent
-        if merged.exists() and merged.stat().st_mtime < (adapter / "adapter_model.safetensors").stat().st_mtime:
-            print(f"note: {merged.parent} is older than {adapter}: using the adapter", file=sys.stderr)
-    elif not (path / "config.json").exists() and merged.exists():
-        return merged.parent, adapter
-    if adapter is None or (path / "config.json").exists():
+    if (path / "config.json").exists():
         return path, adapter
-    base = Path(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    own = next((a for a in (path / "adapter", path) if (a / "adapter_config.json").exists()), None)
+    merged = path / "merged"
+    if own is None:
+        return (merged if (merged / "config.json").exists() else path), adapter
+    if adapter and Path(adapter).resolve() != own.resolve():
+        raise ValueError(f"--model {path} holds an adapter ({own}) and --adapter {adapter} names another: give one")
+    if (merged / "config.json").exists() and merged.stat().st_mtime < (own / "adapter_model.safetensors").stat().st_mtime:
+        print(f"note: {merged} is older than {own}: using the adapter", file=sys.stderr)
+    base = Path(json.loads((own / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
     if not (base / "config.json").exists():
-        raise FileNotFoundError(f"{adapter}: its base model {str(base)!r} is not a model folder here; pass the base "
+        raise FileNotFoundError(f"{own}: its base model {str(base)!r} is not a model folder here; pass the base "
                                 f"as --model and the adapter as --adapter")
-    return base, adapter
+    return base, own
 
 
 def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):

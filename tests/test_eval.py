@@ -458,12 +458,13 @@ def test_load_model_with_a_lora_adapter(tmp_path, model_dir):
         assert torch.allclose(from_out_dir(idx)[0], expected, atol=1e-5)
         assert torch.allclose(from_adapter(idx)[0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="holds an adapter .* and --adapter .* names another: give one"):
-        E.resolve_model(tmp_path / "out", tmp_path / "adapter")
+        lora.resolve(tmp_path / "out", tmp_path / "adapter")
     assert torch.allclose(with_adapter, expected, atol=1e-5) and not torch.allclose(without, expected, atol=1e-3)
-    shutil.copytree(tmp_path / "base", tmp_path / "out" / "merged")  # ... and its merged/ model when there is one
-    merged, _ = E.load_model(tmp_path / "out")
+    shutil.copytree(tmp_path / "base", tmp_path / "out" / "merged")  # a merged/ beside the adapter: the adapter wins
     with torch.no_grad():
-        assert torch.equal(merged(idx)[0], without)
+        assert torch.allclose(E.load_model(tmp_path / "out")[0](idx)[0], expected, atol=1e-5)
+        shutil.rmtree(tmp_path / "out" / "adapter")  # ... its merged/ model when there is no adapter
+        assert torch.equal(E.load_model(tmp_path / "out")[0](idx)[0], without)
     assert tok.encode("Answer:") == Tokenizer.from_pretrained(model_dir).encode("Answer:")
 
 
