@@ -303,8 +303,8 @@ peak_mib = lambda: (torch.cuda.max_memory_allocated() if device_type == 'cuda' e
 metrics_log, events_log = Path(out_dir) / 'metrics.jsonl', Path(out_dir) / 'rank_pruning.jsonl'
 if master and not eval_only:  # a new run starts new logs; a resumed one forgets what came after its checkpoint
     os.makedirs(out_dir, exist_ok=True)
-    for log, key in ((metrics_log, 'iter'), (events_log, 'step')):
-        trim_jsonl(log, iter_num if init_from == 'resume' else -1, key)
+    for log, key, last in ((metrics_log, 'iter', iter_num - 1), (events_log, 'step', iter_num)):  # iter_num: redone
+        trim_jsonl(log, last if init_from == 'resume' else -1, key)
 say(f"data {data_dir} ({meta['dtype']}, {'loss on response tokens only' if meta.get('masked') else 'loss on every token'}); "
     f"{tokens_per_iter:,} tokens per iteration (micro-steps {gradient_accumulation_steps} x batch {batch_size} x "
     f"block {block_size}{f' over {world_size} processes' if ddp else ''}); {max_iters} iterations")

@@ -150,7 +150,9 @@ def gsm8k_accuracy(adapter, scale):
     subprocess.run([sys.executable, "eval.py", "--model", MODEL, "--adapter", adapter, "--tasks", "gsm8k",
                     "--gsm8k_mode", "chat", "--limit", str(scale["items"]), "--batch_size", "25", "--device", device,
                     "--output", out], check=True, cwd=ROOT)
-    return json.loads(out.read_text())["tasks"]["gsm8k"]
+    r = json.loads(out.read_text())["results"]["gsm8k"]  # lm-evaluation-harness's layout
+    return {f"{ours}{part}": r[f"exact_match{part},{theirs}"] for ours, theirs in
+            (("strict_match", "strict-match"), ("flexible_extract", "flexible-extract")) for part in ("", "_stderr")}
 
 
 def run_row(name, config, overrides, scale, seed, args):

@@ -48,7 +48,7 @@ def make_inputs(folder):
 
 def args(folder, out, **kw):
     """A checkpoint at every iteration (many writes to land in); the schedule does not depend on max_iters."""
-    a = dict(model_dir=folder / "model", data_dir=folder / "data", out_dir=out, block_size=T, batch_size=2, lora_r=4,
+    a = dict(model=folder / "model", data_dir=folder / "data", out_dir=out, block_size=T, batch_size=2, lora_r=4,
              lora_alpha=16, rank_prune=False, dtype="float32", device="cpu", eval_iters=2, eval_interval=1,
              warmup_iters=2, learning_rate=1e-2, min_lr=1e-3, lr_decay_iters=50, lora_dropout=0.1, max_iters=10**6)
     a.update(kw)

@@ -18,10 +18,10 @@ def read_jsonl(path):
 
 
 def plot(out_dir):
-    plt = pyplot(__file__)
     metrics, events = read_jsonl(out_dir / "metrics.jsonl"), read_jsonl(out_dir / "rank_pruning.jsonl")
     if not metrics:
         sys.exit(f"plot_run.py: {out_dir}/metrics.jsonl is missing or empty: not a train.py run folder?")
+    plt = pyplot(__file__)
     fig, axes = plt.subplots(1, 2 if events else 1, figsize=(11 if events else 6, 4), squeeze=False)
     ax = axes[0, 0]
     steps = [m for m in metrics if "loss" in m]

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny model folder and tiny random token bins (never data/ or models/):
 the loss mask, exact resume after SIGKILL, DDP == one process, configurator errors."""
+import importlib.util
 import json
 import math
 import os
@@ -305,3 +306,20 @@ def test_resume_keeps_the_runs_own_pruning_settings(tiny_dir, tiny_data, tmp_pat
             if not a.startswith("--rank_prune=")]
     r = train(args)
     assert "resuming from" in r.stdout and "pruned" not in r.stdout and not (out / "rank_pruning.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- the run's curves
+def test_plot_run_draws_the_curves_or_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_run
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"iter": 0, "train_loss": 2.0, "val_loss": 2.1}, {"iter": 0, "loss": 2.0}, {"iter": 1, "loss": 1.7})))
+    (tmp_path / "rank_pruning.jsonl").write_text(json.dumps({"step": 1, "rank_mean": 6.5, "rank_min": 6, "rank_max": 7}))
+    if importlib.util.find_spec("matplotlib"):
+        plot_run.plot(tmp_path)
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="metrics.jsonl is missing or empty"):
+        plot_run.plot(tmp_path / "nothing")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match="needs matplotlib: pip install matplotlib"):
+        plot_run.plot(tmp_path)
