@@ -58,8 +58,8 @@ import torch
 
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
-from prune import (accumulate_fisher, active_ranks, add_masks, loraprune_step, loraprune_update, masked_params,
-                   rank_prune_state, rank_prune_step)
+from prune import add_masks, loraprune_step, loraprune_update, masked_params
+from prunedlora import accumulate_fisher, active_ranks, rank_prune_state, rank_prune_step
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
