@@ -68,8 +68,8 @@ def knowledge_distribution(model, batches, ratios=(0.1, 0.3, 0.5), gamma=0.1, sc
     base, nodes = mean_loss(model, batches), []
     try:
         for l, block in enumerate(model.model.layers):
-            for kind, mask, key in (("attn", block.self_attn.head_mask, "heads"), ("mlp", block.mlp.channel_mask,
-                                                                                  "channels")):
+            for kind, mask, key in (("attn", block.self_attn.head_mask, "heads"),
+                                    ("mlp", block.mlp.channel_mask, "channels")):
                 before, losses = mask.clone(), []
                 live = int(before.sum())
                 for ratio in ratios:
@@ -327,7 +327,8 @@ def recover(model, cfg, stage, val, dense, used, ctx, log):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # the best adapters, merged into the base; the next stage starts fresh ones
-        [p.copy_(best) for p, best in zip(lora_parameters(model), best_state)]
+        for p, kept in zip(lora_parameters(model), best_state):
+            p.copy_(kept)
     restart_adapters(model)
     log(f"{stage}: best mean val loss {best:.4f} after {len(rounds) - 1} rounds")
     return rounds
@@ -434,7 +435,8 @@ def main(argv=None):
     try:  # what would fail after the slow work fails now
         cfg.kda_ratios = [float(r) for r in cfg.kda_ratios.split(",")]
         prune.check_out(cfg.out_dir, cfg.model)
-        [prune.token_file(name, split) for stage in STAGES.values() for name in stage for split in ("train", "val")]
+        for name in dict.fromkeys(name for stage in STAGES.values() for name in stage):  # the data are prepared
+            prune.token_file(name, "train"), prune.token_file(name, "val")
     except (ValueError, OSError) as e:
         bad_ratios = isinstance(cfg.kda_ratios, str)  # (still the text: it did not parse)
         p.error(f"--kda_ratios {cfg.kda_ratios!r}: expected numbers separated by commas" if bad_ratios else str(e))
