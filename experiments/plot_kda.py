@@ -2,22 +2,29 @@
 The knowledge distribution analysis of LoRAShear as a figure: per layer, the mean |loss change| when its attention
 (query heads) or its MLP (channels) alone is thinned at the analysed ratios; the unprunable node groups are marked.
 
-    python experiments/plot_kda.py results/lorashear/lorashear-0.2-kda.json [--out kda.png]
+    python experiments/plot_kda.py results/lorashear/lorashear-0.2-kda.json [--output kda.png]
 
-Reads prune.knowledge_distribution's JSON (or a results file of experiments/lorashear.py, which holds it under "kda").
+Reads lorashear.knowledge_distribution's JSON (or a results file of lorashear.py, which holds it under "kda").
 Needs matplotlib (pip install matplotlib), which the project itself does not.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from plotting import pyplot, save
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configurator import renamed  # noqa: E402
+
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("json", type=Path)
-    p.add_argument("--out", type=Path, help="image file (default: the JSON's name with .png)")
+    p.add_argument("--output", type=Path, help="image file (default: the JSON's name with .png)")
+    renamed(p, {"--out": "--output"})
     args = p.parse_args()
     plt = pyplot(__file__)
     kda = json.loads(args.json.read_text())
@@ -40,7 +47,7 @@ def main():
     ax.set_title(f"knowledge distribution (ratios {kda['ratios']}; * unprunable, gamma {kda['gamma']}); "
                  f"base loss {kda['base_loss']:.3f}", fontsize=9)
     ax.legend()
-    save(fig, args.out or args.json.with_suffix(".png"))
+    save(fig, args.output or args.json.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 The shapes the structured methods leave: query heads and MLP channels kept in every layer, one line per method, one
 row of panels per sparsity, the dense model's widths as the top line.
 
-    python experiments/plot_structured.py [results/structured/table.json] [--out results/structured/widths.png]
+    python experiments/plot_structured.py [results/structured/table.json] [--output results/structured/widths.png]
 
 Reads the table.json of `python experiments/structured.py report` (each row's per-layer widths). A recovered row
 (<method>-<sparsity>-lora) has its one-shot row's shape, so only the one-shot, loraprune and lorashear rows are drawn.
@@ -10,17 +10,22 @@ Needs matplotlib (pip install matplotlib), which the project itself does not.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from plotting import pyplot, save
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configurator import renamed  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("json", type=Path, nargs="?", default=ROOT / "results" / "structured" / "table.json")
-    p.add_argument("--out", type=Path, help="image file (default: widths.png beside the JSON)")
+    p.add_argument("--output", type=Path, help="image file (default: widths.png beside the JSON)")
+    renamed(p, {"--out": "--output"})
     args = p.parse_args()
     plt = pyplot(__file__)
     rows = json.loads(args.json.read_text())["rows"]
@@ -40,7 +45,7 @@ def main():
             ax.set_xlabel("layer")
             ax.set_ylim(bottom=0)
         ax_mlp.legend(fontsize=7, loc="lower left")
-    save(fig, args.out or args.json.with_name("widths.png"), dpi=110)
+    save(fig, args.output or args.json.with_name("widths.png"), dpi=110)
 
 
 if __name__ == "__main__":

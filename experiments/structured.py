@@ -16,7 +16,7 @@ the first --ppl_windows windows of 128 tokens); a limit of 0 means all rows (the
   recovery, and each followed by the same LoRA recovery budget (train.py config/structured_recover.py: --steps
   optimizer steps of --batch_size x --block_size tokens, r=8, on --data);
   loraprune: iterative pruning during a LoRA fine-tune of the same steps on the same data (config/loraprune.py);
-  lorashear: experiments/lorashear.py --eval writes its rows with the same evaluation (evaluate() below).
+  lorashear: `python lorashear.py --eval` writes its rows with the same evaluation (evaluate() below).
 Sparsity = the fraction of ALL parameters removed (embeddings included, LoRA excluded); the achieved fraction
 of every row is in the table. Every step is skipped when its output exists (the zero-shot log-likelihoods are
 kept as they are computed, eval.py --use_cache), so a stopped run resumes. Results: results/structured/<row>.json
@@ -57,7 +57,7 @@ LIMIT, PPL_PAGES, PPL_WINDOWS = 100, 5, 100  # CPU: zero-shot rows per task, Wik
 def train_cmd(config, model_dir, out_dir, args, extra=()):
     """train.py LoRA-fine-tunes model_dir and writes the merged (for loraprune: also compacted) model to
     out_dir/merged, an ordinary model folder."""
-    return [sys.executable, "train.py", f"config/{config}.py", f"--model_dir={model_dir}", f"--out_dir={out_dir}",
+    return [sys.executable, "train.py", f"config/{config}.py", f"--model={model_dir}", f"--out_dir={out_dir}",
             f"--max_iters={args.steps}", f"--batch_size={args.batch_size}", f"--block_size={args.block_size}",
             f"--dataset={args.data}", *extra]
 
@@ -142,7 +142,7 @@ def table(args):
         for method in ONE_SHOT:
             name = f"{method}-{sp:g}"
             run([sys.executable, "prune.py", "--model", args.model, "--method", method, "--sparsity", sp,
-                 "--calib", "pydocs", "--calib_tokens", args.calib_tokens, "--out", OUT / name], OUT / name, args.dry_run)
+                 "--calib", "pydocs", "--calib_tokens", args.calib_tokens, "--out_dir", OUT / name], OUT / name, args.dry_run)
             evaluate(OUT / name, name, args.limit, args.ppl_pages, args.ppl_windows, dry_run=args.dry_run)
             run(train_cmd("structured_recover", OUT / name, OUT / f"{name}-lora", args),
                 OUT / f"{name}-lora" / "merged", args.dry_run)
@@ -273,6 +273,7 @@ def loss_increases(model, batch, heads, blocks):
 
 
 def ranking(args):
+    from prunedlora import spearman  # Spearman's rank correlation, as PrunedLoRA's ranking test computes it
     torch.manual_seed(0)
     model = Transformer.from_pretrained(args.model, dtype=torch.float32).eval()
     kept = prune.default_kept_layers(len(model.model.layers))
@@ -296,7 +297,7 @@ def ranking(args):
     for method, s in scores.items():
         predicted = {"heads": [s[l]["heads"][h].item() for l, h in heads],
                      "blocks": [s[l]["channels"][idx].sum().item() for l, idx in blocks]}
-        result["spearman"][method] = {k: prune.spearman(predicted[k], actual[k]) for k in predicted}
+        result["spearman"][method] = {k: spearman(predicted[k], actual[k]) for k in predicted}
         print(f"{method:>16}: Spearman heads {result['spearman'][method]['heads']:+.3f}  "
               f"channel blocks {result['spearman'][method]['blocks']:+.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -304,7 +305,8 @@ def ranking(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("what", choices=("table", "report", "speed", "ranking"))
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--sparsities", default="0.2,0.5")

@@ -1,4 +1,4 @@
-"""Structured pruning of the base (prune.py §2) against independent answers: the masked model (compacted ==
+"""Structured pruning of the base (prune.py) against independent answers: the masked model (compacted ==
 masked), parameter counts by hand from the widths, autograd (Taylor), the exact change of B A after one SGD
 step (LoRAPrune's estimate), and transformers loading a uniformly pruned folder."""
 import json
@@ -284,13 +284,19 @@ def test_command_line_writes_a_pruned_folder(tmp_path, capsys):
     out = tmp_path / "pruned"
     prune.main(["--model", str(src), "--method", "wanda", "--sparsity", "0.2", "--calib", str(data / "train.bin"),
                 "--calib_tokens", "256", "--seq_len", "32", "--keep_layers", "0", "--dtype", "float32",
-                "--out", str(out)])
+                "--out_dir", str(out)])
     info = json.loads((out / "pruning.json").read_text())
     assert (out / "tokenizer.json").exists() and not list(tmp_path.glob("*.tmp-*"))
     loaded = Transformer.from_pretrained(out)
     assert prune.count_params(loaded) == info["params_after"] == by_hand(loaded)
     assert abs(info["achieved_sparsity"] - 0.2) < 0.03
-    assert f"{info['achieved_sparsity']:.4%}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{info['achieved_sparsity']:.4%}" in printed
+    per_layer = "layer_intermediate" in json.loads((out / "config.json").read_text())  # layer 0 kept whole
+    assert per_layer and f"note: {out} has per-layer widths; it loads with this project's model.py" in printed
+    with pytest.raises(SystemExit):
+        prune.main(["--model", str(src), "--method", "magnitude", "--sparsity", "0.2", "--out", str(out)])
+    assert "--out is now --out_dir" in capsys.readouterr().err
 
 
 def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_path):
@@ -309,7 +315,7 @@ def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_
     (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97, "masked": False}))
 
     def train_args(out, **kw):
-        args = dict(model_dir=src, data_dir=data, out_dir=out, block_size=16, batch_size=2, lora_r=4, lora_alpha=16,
+        args = dict(model=src, data_dir=data, out_dir=out, block_size=16, batch_size=2, lora_r=4, lora_alpha=16,
                     rank_prune=False, dtype="float32", device="cpu", eval_iters=1, eval_interval=4, warmup_iters=1,
                     learning_rate=1e-2, max_iters=12, lr_decay_iters=12, struct_prune=True, struct_sparsity=0.25,
                     struct_every=3)

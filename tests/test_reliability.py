@@ -296,16 +296,16 @@ CASES = {
     "LoRA rank larger than the layer": (lambda t, g, d, m: train(t, g, d, lora_r=100),
                                         ["LoRA rank too large for q_proj: rank 100 must lie in [1, 32] for a 32 x 32 layer"]),
     # pruning
-    "sparsity 1.5": (lambda t, g, d, m: prune(g, "--sparsity", 1.5, "--out", t / "p"), ["sparsity must lie in [0, 1)", "1.5"]),
-    "sparsity -0.1": (lambda t, g, d, m: prune(g, "--sparsity", -0.1, "--out", t / "p"), ["sparsity must lie in [0, 1)", "-0.1"]),
+    "sparsity 1.5": (lambda t, g, d, m: prune(g, "--sparsity", 1.5, "--out_dir", t / "p"), ["sparsity must lie in [0, 1)", "1.5"]),
+    "sparsity -0.1": (lambda t, g, d, m: prune(g, "--sparsity", -0.1, "--out_dir", t / "p"), ["sparsity must lie in [0, 1)", "-0.1"]),
     "sparsity that removes every head (prune.py)": (
-        lambda t, g, d, m: prune(g, "--sparsity", 0.95, "--keep_layers", "", "--out", t / "p"),
+        lambda t, g, d, m: prune(g, "--sparsity", 0.95, "--keep_layers", "", "--out_dir", t / "p"),
         ["sparsity 0.95 is out of reach", "one head"]),
     "struct_sparsity that removes every head (train.py)": (
         lambda t, g, d, m: train(t, g, d, struct_prune=True, struct_sparsity=0.95),
         ["config error", "sparsity 0.95 is out of reach"]),
     "prune.py --keep_layers past the last layer": (
-        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--keep_layers", "0,5", "--out", t / "p"),
+        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--keep_layers", "0,5", "--out_dir", t / "p"),
         ["--keep_layers '0,5'", "layers are 0 to 1"]),
     "bench.py misspelt row": (lambda t, g, d, m: ("bench.py", ["--rows", "trian"]), ["--rows: unknown ['trian']"]),
     # train.py settings
@@ -325,13 +325,13 @@ CASES = {
     # outputs that hold something of the user's
     "train.py into an out_dir holding a run": (lambda t, g, d, m: user_files(t / "out", "ckpt.pt") and train(t, g, d),
                                                ["out_dir=", "holds a run", "--init_from=resume"]),
-    "prune.py --out a folder of the user's": (
-        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--out", user_files(t / "mine", "notes.txt")),
-        ["--out", "mine", "not an earlier pruned model"]),
-    "prune.py --out the source model": (
-        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out", t / "model"), ["--out", "source model"]),
-    "prune.py --out the folder around the source": (
-        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out", t), ["--out", "source model"]),
+    "prune.py --out_dir a folder of the user's": (
+        lambda t, g, d, m: prune(g, "--sparsity", 0.2, "--out_dir", user_files(t / "mine", "notes.txt")),
+        ["--out_dir", "mine", "not an earlier pruned model"]),
+    "prune.py --out_dir the source model": (
+        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out_dir", t / "model"), ["--out_dir", "source model"]),
+    "prune.py --out_dir the folder around the source": (
+        lambda t, g, d, m: prune(copy_model(g, t), "--sparsity", 0.2, "--out_dir", t), ["--out_dir", "source model"]),
     # data files
     "prepare: source missing": (lambda t, g, d, m: prepare_missing(t), ["nowhere", "not found", "input.txt", "--src"]),
     "prepare: --out_dir another data set's folder": (lambda t, g, d, m: prepare_into_other(t),
