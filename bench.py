@@ -6,7 +6,7 @@ model compacted to half its width against the dense one.
                                               # where the CPU has AVX512-BF16; elsewhere torch emulates it, ~100x slower)
   python bench.py                             # CUDA: the 135M and Llama-3.2-1B shapes and the default model,
                                               # eager and compiled, r = 8 and 512, batch 8 x 1024, bf16
-  python bench.py --device cpu --rows train --batch 2 --dtype bfloat16 --loss masked --json out/bench.json
+  python bench.py --device cpu --rows train --batch 2 --dtype bfloat16 --loss masked --output out/bench.json
 
 Rows (one per combination of the comma-separated options)
   train    forward, backward and an AdamW step on the LoRA parameters (rank r, alpha 2r, dropout 0, all seven
@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 import prunedlora
+from configurator import renamed
 from lora import ALL_TARGETS, apply_lora, lora_modules, lora_parameters
 from model import KVCache, ModelConfig, Transformer
 from prune import add_masks, loraprune_step, loraprune_update, masked_params
@@ -78,7 +79,8 @@ PEAK_TFLOPS = {  # name fragment -> (dense bf16 tensor core, fp32 without TF32),
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--shapes", default=None, help="of default, 135m, 1b (CUDA: 135m,1b,default; CPU: default)")
@@ -101,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     p.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: PEAK_TFLOPS; CPU: measured)")
-    p.add_argument("--json", default=None, help="also write the results here (rewritten after every row)")
+    p.add_argument("--output", default=None, help="also write the results here (rewritten after every row)")
+    renamed(p, {"--json": "--output"})
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one side's memory, in a fresh process
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -552,10 +555,10 @@ def main(argv=None):
         if done:
             log(format_row(row))
         env["loadavg_end"] = os.getloadavg()
-        if args.json:  # whole or not at all, should a time limit stop the run mid-write
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json + ".tmp").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-            os.replace(args.json + ".tmp", args.json)
+        if args.output:  # whole or not at all, should a time limit stop the run mid-write
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output + ".tmp").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+            os.replace(args.output + ".tmp", args.output)
 
     train_rows(args, sides, log, record)
     inference_rows(args, sides, record)

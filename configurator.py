@@ -112,7 +112,7 @@ def print_help(defaults, script):
     print((doc or "").strip() + "\n\nsettings (config files and --key=value override them, in order):")
     for key, value in defaults.items():
         found = re.search(rf"^{key} = .*?(?:# (.*))?$", source, re.M)
-        print(f"  --{key}={value!r}".ljust(40) + ((found and found[1]) or ""))
+        print(f"  --{key}={value!r}".ljust(39), (found and found[1]) or "")
 
 
 def check(config, at_least_one=(), choices=None):

@@ -393,12 +393,12 @@ def run(cfg):
     output.with_name(f"{output.stem}-kda.json").write_text(json.dumps(found["kda"], indent=1) + "\n")
     log(f"wrote {cfg.out_dir} and {output}; tokens per stage {tokens}")
     if not cfg.eval:
-        return log("its row of the table (experiments/structured.py): rerun with --eval")
+        return log("its row of the table (experiments/table_structured.py): rerun with --eval")
     sys.path.insert(0, str(ROOT / "experiments"))
-    import structured  # the table's evaluation, the same as every other row's
+    import table_structured  # the table's evaluation, the same as every other row's
     limits = {k: getattr(cfg, k) for k in ("limit", "ppl_pages", "ppl_windows") if getattr(cfg, k) is not None}
     train_tokens = sum(tokens[stage] for stage in tokens if stage != "kda")  # the analysis reads val batches only
-    structured.evaluate(cfg.out_dir, cfg.name, train_tokens=train_tokens, **limits)
+    table_structured.evaluate(cfg.out_dir, cfg.name, train_tokens=train_tokens, **limits)
 
 
 def main(argv=None):
@@ -413,7 +413,7 @@ def main(argv=None):
     p.add_argument("--output", type=Path, help="the run's results file (default results/lorashear/<name>.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", action="store_true", help="run eval.py on the result (as experiments/structured.py does)")
+    p.add_argument("--eval", action="store_true", help="run eval.py on the result (as experiments/table_structured.py does)")
     p.add_argument("--limit", type=int, help="zero-shot rows per task (0: all; default: the table's)")
     p.add_argument("--ppl_pages", type=int, help="WikiText-2 pages, word perplexity (default: the table's)")
     p.add_argument("--ppl_windows", type=int, help="WikiText-2 windows, token perplexity (default: the table's)")

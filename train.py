@@ -130,14 +130,13 @@ if not lora_targets:
     fail(f"lora_targets={lora_targets!r}, expected at least one projection")
 if Path(out_dir).exists() and not Path(out_dir).is_dir():
     fail(f"out_dir={out_dir!r}, expected a folder (a file is there)")
-if rank_prune:
-    try:
-        prunedlora.check_settings({k: globals()[k] for k in RANK_KEYS})
-    except ValueError as e:
-        fail(e)
-    if lora_r <= rank_target:
-        fail(f"rank_prune=True prunes the adapters from lora_r={lora_r} down to rank_target={rank_target}, so "
-             f"lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
+try:
+    prunedlora.check_settings({k: globals()[k] for k in RANK_KEYS})
+except ValueError as e:
+    fail(e)
+if rank_prune and lora_r <= rank_target:
+    fail(f"rank_prune=True prunes the adapters from lora_r={lora_r} down to rank_target={rank_target}, so "
+         f"lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
 config = {k: globals()[k] for k in config_keys}  # what was run, saved in checkpoints
 
 # ----------------------------------------------------------------------------- devices, DDP, precision
@@ -215,7 +214,7 @@ say(f"model {model}: {n_params:,} parameters, {dtype} on {device}; LoRA r={lora_
 
 # ----------------------------------------------------------------------------- data
 on_master(lambda: prepared(dataset, data_dir))  # data/<dataset> is prepared if it is missing
-data_dir, meta = prepared(dataset, data_dir, net.config.vocab_size, model)
+data_dir, meta = prepared(dataset, data_dir, net.config.vocab_size, model, block_size)
 
 
 def get_batch(split, n, generator):
@@ -303,8 +302,8 @@ peak_mib = lambda: (torch.cuda.max_memory_allocated() if device_type == 'cuda' e
 metrics_log, events_log = Path(out_dir) / 'metrics.jsonl', Path(out_dir) / 'rank_pruning.jsonl'
 if master and not eval_only:  # a new run starts new logs; a resumed one forgets what came after its checkpoint
     os.makedirs(out_dir, exist_ok=True)
-    for log, key, last in ((metrics_log, 'iter', iter_num - 1), (events_log, 'step', iter_num)):  # iter_num: redone
-        trim_jsonl(log, last if init_from == 'resume' else -1, key)
+    for log, key, last in ((metrics_log, 'iter', iter_num - 1), (events_log, 'step', iter_num))[:1 + rank_prune]:
+        trim_jsonl(log, last if init_from == 'resume' else -1, key)  # the checkpoint's own iteration is redone
 say(f"data {data_dir} ({meta['dtype']}, {'loss on response tokens only' if meta.get('masked') else 'loss on every token'}); "
     f"{tokens_per_iter:,} tokens per iteration (micro-steps {gradient_accumulation_steps} x batch {batch_size} x "
     f"block {block_size}{f' over {world_size} processes' if ddp else ''}); {max_iters} iterations")

@@ -3,7 +3,7 @@
 # 10% cool-down) up to struct_sparsity of ALL parameters, lowest LoRA-guided importance first
 # (G_W ~ s (G_B A + B G_A - G_B G_A), element importance (G_W * (W0 + s B A))^2, moving average lambda = 0.9);
 # the first 10% of the layers and the last stay whole. At the end the masked groups are removed for real and
-# the merged, smaller model is written to out_dir/merged. experiments/structured.py runs the table around it.
+# the merged, smaller model is written to out_dir/merged. experiments/table_structured.py runs the table around it.
 dataset = 'alpaca'
 out_dir = 'out/loraprune'
 lora_r = 8

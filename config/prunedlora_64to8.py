@@ -1,7 +1,7 @@
 # PrunedLoRA (docs/ALGORITHMS.md §1) on GSM8K: every adapter starts at r0 = 64 (alpha = r0, s = 1)
 # and loses 2 components every 10 optimizer steps after the warmup, down to rank 8, then trains on at
 # rank 8. Score and update are prunedlora.py's defaults (scale-correct Fisher score, compensation with a trust
-# region). experiments/prunedlora.py runs the table of baselines and ablations around this config.
+# region). experiments/table_prunedlora.py runs the table of baselines and ablations around this config.
 dataset = 'gsm8k'
 out_dir = 'out/prunedlora_64to8'
 lora_r = 64

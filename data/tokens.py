@@ -13,9 +13,9 @@ import torch
 DATA = Path(__file__).resolve().parent
 
 
-def prepared(dataset, data_dir="", vocab_size=None, model=None):
-    """(folder, meta) of a prepared data set, checked against the model's vocabulary; data/<dataset> is prepared
-    first if it is missing. Every problem stops with one line saying what to run."""
+def prepared(dataset, data_dir="", vocab_size=None, model=None, block_size=None):
+    """(folder, meta) of a prepared data set, checked against the model's vocabulary and the window length;
+    data/<dataset> is prepared first if it is missing. Every problem stops with one line saying what to run."""
     folder = Path(data_dir or DATA / dataset)
     if not (folder / "train.bin").exists():
         prepare = DATA / dataset / "prepare.py"
@@ -34,6 +34,10 @@ def prepared(dataset, data_dir="", vocab_size=None, model=None):
     meta = json.loads((folder / "meta.json").read_text())
     if vocab_size is not None:
         check_vocab(folder, meta, vocab_size, model)
+    for split in ("train", "val") if block_size else ():
+        if len(tokens(folder, split, meta)) <= block_size:
+            raise SystemExit(f"{folder}/{split}.bin has {len(tokens(folder, split, meta))} tokens, "
+                             f"block_size={block_size} needs more than that")
     return folder, meta
 
 

@@ -1,5 +1,5 @@
 """
-Figures of the PrunedLoRA table (experiments/prunedlora.py), from its per-run results <row>-s<seed>.json:
+Figures of the PrunedLoRA table (experiments/table_prunedlora.py), from its per-run results <row>-s<seed>.json:
 
     python experiments/plot_prunedlora.py [--results results/prunedlora]
 

@@ -4,7 +4,7 @@ row of panels per sparsity, the dense model's widths as the top line.
 
     python experiments/plot_structured.py [results/structured/table.json] [--output results/structured/widths.png]
 
-Reads the table.json of `python experiments/structured.py report` (each row's per-layer widths). A recovered row
+Reads the table.json of `python experiments/table_structured.py report` (each row's per-layer widths). A recovered row
 (<method>-<sparsity>-lora) has its one-shot row's shape, so only the one-shot, loraprune and lorashear rows are drawn.
 Needs matplotlib (pip install matplotlib), which the project itself does not.
 """

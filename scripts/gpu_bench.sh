@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 part() {  # part NAME SECONDS bench.py-options...
   local name=$1 limit=$2; shift 2
   echo "== $name, at most ${limit}s: bench.py $*" | tee -a "$out/gpu-bench.log"
-  timeout "$limit" "$python" bench.py --json "$out/gpu-$name.json" "$@" 2>&1 | tee -a "$out/gpu-bench.log"
+  timeout "$limit" "$python" bench.py --output "$out/gpu-$name.json" "$@" 2>&1 | tee -a "$out/gpu-bench.log"
   echo "== $name exit ${PIPESTATUS[0]} (124: cut at ${limit}s)" | tee -a "$out/gpu-bench.log"
 }
 # 135M shape, 16 x 1024, r=8, compiled: >= 1.3x transformers + peft tokens/s at <= 0.7x its peak memory

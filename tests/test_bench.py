@@ -73,6 +73,6 @@ def test_a_run_cut_short_keeps_its_times(model_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--device", "cpu", "--model", str(model_dir), "--rows", "train", "--dtype", "float32", "--batch", "1",
                     "--seq", "16", "--loss", "masked", "--sides", "ours", "--steps", "1", "--repeats", "1",
-                    "--warmup", "0", "--json", str(out)])
+                    "--warmup", "0", "--output", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["kind"] == "train" and row["sides"]["ours"]["ms"] > 0 and "memory" not in row["sides"]["ours"]

@@ -344,3 +344,11 @@ def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_
     assert 1 - prune.count_params(whole) / prune.count_params(tiny_model(n_layer=3)) >= 0.2
     with torch.no_grad():
         torch.testing.assert_close(resumed(IDX)[0], whole(IDX)[0], atol=1e-5, rtol=1e-5)
+    # the adapter names the compacted base it was trained on: adapter on base == merged (eval.py --model RUN)
+    from lora import load_model
+    on_base, folder = load_model(tmp_path / "whole")
+    assert folder == tmp_path / "whole" / "base" and on_base.config.to_hf() == whole.config.to_hf()
+    merged_fp32 = Transformer.from_pretrained(tmp_path / "whole" / "merged", dtype=torch.float32)
+    with torch.no_grad():  # merged/ is stored in bf16: equal to its rounding
+        torch.testing.assert_close(on_base(IDX)[0], merged_fp32(IDX)[0], atol=0.05, rtol=0.05)
+    assert any(m.lora_B.abs().max() > 0 for m in lora_modules(on_base).values())  # a trained adapter

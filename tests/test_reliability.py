@@ -579,7 +579,7 @@ def test_experiments_continue_a_stopped_row_and_remake_a_finished_one(good, data
     """The experiment scripts rerun a row whose result is missing: a run of the same settings stopped before its
     end is resumed; a finished one, or one of other settings, is removed and made anew, not silently reused."""
     sys.path.insert(0, str(ROOT / "experiments"))
-    from structured import continue_or_restart
+    from table_structured import continue_or_restart
     out, env = tmp_path / "out", dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "train.py", *base_args(good, data, out, max_iters=4, eval_interval=1)]
     other = [a if not a.startswith("--learning_rate=") else "--learning_rate=0.5" for a in cmd]

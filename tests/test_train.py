@@ -273,7 +273,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning():
         lines = {line.split("=")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  --")}
         for key, value in train_settings().items():
             line = lines[f"--{key}"]
-            assert line.split()[0] == f"--{key}={value!r}" and len(line.split()) > 1, line  # a meaning after it
+            assert line.startswith(f"  --{key}={value!r} ") and line[len(f"  --{key}={value!r}"):].strip(), line
     assert "python train.py" in r.stdout  # the script's own docstring first
 
 

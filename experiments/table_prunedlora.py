@@ -1,10 +1,10 @@
 """
 PrunedLoRA (ALGORITHMS.md §1, issue 6): the rank-pruning table on GSM8K with the default model.
 
-    python experiments/prunedlora.py table [--scale cpu-small|gpu] [--seeds 0,1] [--rows a,b] [--dry_run]
-    python experiments/prunedlora.py rows                       # the rows and their train.py settings
-    python experiments/prunedlora.py report [--rows a,b]        # the table of the results there are; runs nothing
-    python experiments/prunedlora.py table --smoke --rows prunedlora_64to8   # a minute: does it all run?
+    python experiments/table_prunedlora.py table [--scale cpu-small|gpu] [--seeds 0,1] [--rows a,b] [--dry_run]
+    python experiments/table_prunedlora.py rows                       # the rows and their train.py settings
+    python experiments/table_prunedlora.py report [--rows a,b]        # the table of the results there are; runs nothing
+    python experiments/table_prunedlora.py table --smoke --rows prunedlora_64to8   # a minute: does it all run?
 
 Every row is one train.py run per seed (config/prunedlora_64to8.py or config/prunedlora_lora.py, then
 --key=value), on data/gsm8k with the same
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from lora import load_adapter  # noqa: E402
 from model import Transformer  # noqa: E402
 from prunedlora import spearman  # noqa: E402
-from structured import continue_or_restart  # noqa: E402
+from table_structured import continue_or_restart  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 OUT, RESULTS = ROOT / "out" / "prunedlora", ROOT / "results" / "prunedlora"

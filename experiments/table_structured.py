@@ -1,11 +1,11 @@
 """
 Structured pruning of the base (ALGORITHMS.md §2, §5): the 20% / 50% table and the ranking test of the criteria.
 
-    python experiments/structured.py table   [--sparsities 0.2,0.5] [--limit 100] [--ppl_pages 5] [--ppl_windows 100]
+    python experiments/table_structured.py table   [--sparsities 0.2,0.5] [--limit 100] [--ppl_pages 5] [--ppl_windows 100]
                                              [--steps 200] [--dry_run]
-    python experiments/structured.py report  # the table of the rows evaluated so far (results/structured); runs nothing
-    python experiments/structured.py speed   # inference tokens/s and weight memory: dense against each pruned model
-    python experiments/structured.py ranking [--heads 64] [--blocks 64] [--block 32] [--tokens 2048]
+    python experiments/table_structured.py report  # the table of the rows evaluated so far (results/structured); runs nothing
+    python experiments/table_structured.py speed   # inference tokens/s and weight memory: dense against each pruned model
+    python experiments/table_structured.py ranking [--heads 64] [--blocks 64] [--block 32] [--tokens 2048]
     python experiments/plot_structured.py    # kept heads / MLP width per layer of every method
 
 table: one row per model, each evaluated by eval.py on the seven zero-shot tasks (the first --limit rows of each)
@@ -179,7 +179,7 @@ def report(args):
             if (RESULTS / f"{n}.json").exists()}
     shown = set(row_order(args.sparsities))
     if "dense" not in rows:
-        raise SystemExit(f"no {RESULTS / 'dense.json'} yet: run `python experiments/structured.py table` first")
+        raise SystemExit(f"no {RESULTS / 'dense.json'} yet: run `python experiments/table_structured.py table` first")
     dense, limits = rows["dense"]["params"], rows["dense"]["limit"]
     print(f"\nSmolLM2-135M-Instruct; zero-shot: first {limits['zeroshot'] or 'all'} rows of each task (acc_norm, "
           f"acc for boolq/piqa/winogrande); WikiText-2: token perplexity over the first "
