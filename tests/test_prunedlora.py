@@ -508,7 +508,7 @@ def test_train_py_prunes_to_the_exact_rank(tmp_path):
     for split, n in (("train", 3000), ("val", 500)):
         rng.integers(0, 97, n).astype(np.uint16).tofile(tmp_path / "data" / f"{split}.bin")
     (tmp_path / "data" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97}))
-    args = dict(model_dir=tmp_path / "model", data_dir=tmp_path / "data", out_dir=tmp_path / "out", block_size=16,
+    args = dict(model=tmp_path / "model", data_dir=tmp_path / "data", out_dir=tmp_path / "out", block_size=16,
                 batch_size=2, gradient_accumulation_steps=2, dtype="float32", device="cpu", eval_iters=1,
                 max_iters=12, lora_r=8, lora_alpha=8, rank_prune=True, rank_target=3, rank_every=2, rank_k=2,
                 rank_start=2, learning_rate=1e-2)
