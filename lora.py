@@ -223,7 +223,8 @@ def resolve(path, adapter=None):
         return (merged if (merged / "config.json").exists() else path), adapter
     if adapter and Path(adapter).resolve() != own.resolve():
         raise ValueError(f"--model {path} holds an adapter ({own}) and --adapter {adapter} names another: give one")
-    if (merged / "config.json").exists() and merged.stat().st_mtime < (own / "adapter_model.safetensors").stat().st_mtime:
+    if (merged / "config.json").exists() and \
+            (merged / "config.json").stat().st_mtime < (own / "adapter_model.safetensors").stat().st_mtime:
         print(f"note: {merged} is older than {own}: using the adapter", file=sys.stderr)
     base = Path(json.loads((own / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
     if not (base / "config.json").exists():
