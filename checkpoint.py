@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,6 +107,32 @@ def load_weights(folder):
     return load_safetensors(folder / "model.safetensors")
 
 
+def assign_weights(module, state, dtype, device, where, skip=()):
+    """Put the tensors of `state` into `module` (built on the meta device) by assignment, each checked against the
+    shape the module expects; a non-finite tensor is warned about."""
+    expected = {k: v for k, v in module.state_dict().items() if k not in skip}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{where}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    for k, ref in expected.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies "
+                             f"{tuple(ref.shape)}")
+        if not torch.isfinite(state[k]).all():
+            warnings.warn(f"{where}: tensor {k} contains NaN or Inf values")
+    module.load_state_dict({k: state[k].to(device=device, dtype=dtype) for k in expected}, strict=False, assign=True)
+
+
+def read_json(path, what):
+    """A JSON file, or one line saying why not (`what`: the hint when it is missing)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{Path(path).parent}: no {Path(path).name} ({what})")
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def safe_child(folder, name):
     """folder/name, refusing names that would escape the folder (absolute, `..`)."""
     p = (Path(folder) / name).resolve()
@@ -164,49 +191,3 @@ class atomic_open:
 def save_json(obj, path):
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2)
-
-
-# ----------------------------------------------------------------------------- a training run's folder
-RUN_FILES = ("ckpt.pt", "adapter/adapter_config.json", "merged/config.json")  # what says a folder holds a run
-
-
-def run_in(out_dir):
-    """The first file that says `out_dir` holds a training run, or None."""
-    return next((f for f in RUN_FILES if (Path(out_dir) / f).exists()), None)
-
-
-def read_checkpoint(out_dir):
-    """out_dir/ckpt.pt as plain tensors and values (torch.load(weights_only=True) never runs code), or one line
-    saying why not."""
-    path = Path(out_dir) / "ckpt.pt"
-    if not path.exists():
-        raise SystemExit(f"init_from='resume' but there is no {path} (out_dir={str(out_dir)!r})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged, or more than tensors and plain values
-        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).split(". ")[0])
-        raise SystemExit(f"{path} cannot be read ({why}): damaged, or not a checkpoint of train.py; "
-                         f"start a new out_dir") from None
-
-
-def write_checkpoint(ckpt, out_dir):
-    with atomic_open(Path(out_dir) / "ckpt.pt", "wb") as f:
-        torch.save(ckpt, f)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_jsonl(path, last, key="step"):
-    """Keep the records of a log up to `last` (a resumed run forgets what came after its checkpoint); a line
-    cut short by a kill counts as after."""
-    def when(line):
-        try:
-            return json.loads(line)[key]
-        except (ValueError, KeyError):
-            return float("inf")
-    kept = [line for line in Path(path).read_text().splitlines() if when(line) <= last] if Path(path).exists() else []
-    with atomic_open(path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))

@@ -17,8 +17,6 @@ import difflib
 import re
 import sys
 
-import torch
-
 
 def fail(msg):
     raise SystemExit(f"config error: {msg}")  # exit status 1, the message on stderr, no traceback
@@ -123,19 +121,6 @@ def check(config, at_least_one=(), choices=None):
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             fail(f"{key}={config[key]!r}, expected {' or '.join(map(repr, allowed))}")
-
-
-def oom_hint(config):
-    """An excepthook: out of GPU memory ends with the settings to lower (read when it happens), not a traceback."""
-    def hook(kind, exc, tb):
-        if not issubclass(kind, torch.OutOfMemoryError):
-            return sys.__excepthook__(kind, exc, tb)
-        c = config
-        print(f"out of GPU memory ({str(exc).splitlines()[0]}). Lower batch_size={c['batch_size']} (raising "
-              f"gradient_accumulation_steps={c['gradient_accumulation_steps']} keeps the tokens per iteration) or "
-              f"block_size={c['block_size']}, or set gradient_checkpointing=True (now {c['gradient_checkpointing']}) "
-              f"and dtype='bfloat16' (now {c['dtype']!r})", file=sys.stderr)
-    return hook
 
 
 def renamed(parser, names):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_open, save_json
 from configurator import renamed
-import lora
+import runs
 from data.fetch import fetch
 from model import KVCache, apply_rope, rope_cos_sin
 from tokenizer import Tokenizer
@@ -508,9 +508,9 @@ def print_row(name, res):
 # ----------------------------------------------------------------------------- CLI
 
 def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
-    """The model of --model (a model folder, a train.py run folder or an adapter folder: lora.resolve) with its
+    """The model of --model (a model folder, a train.py run folder or an adapter folder: runs.resolve) with its
     adapter, and its tokenizer."""
-    model, folder = lora.load_model(path, adapter, dtype, device)
+    model, folder = runs.load_model(path, adapter, dtype, device)
     return model, Tokenizer.from_pretrained(folder)
 
 
@@ -556,7 +556,7 @@ def parse_args():
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         p.error(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device (this torch sees none)")
     try:
-        base, adapter = lora.resolve(args.model, args.adapter)
+        base, adapter = runs.resolve(args.model, args.adapter)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     args.model_args = f"pretrained={base}" + (f",peft={adapter}" if adapter else "") + f",dtype={args.dtype}"

@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -207,35 +206,3 @@ def save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=None, merged=
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if tokenizer_from and (Path(tokenizer_from) / f).exists():
             shutil.copy(Path(tokenizer_from) / f, Path(folder) / f)
-
-
-
-# ----------------------------------------------------------------------------- loading what train.py wrote
-def resolve(path, adapter=None):
-    """(model folder, adapter folder or None) for a model folder (+ `adapter`), an adapter folder, or a train.py run
-    folder: its adapter/ on the base the adapter names (its merged/ only when there is no adapter)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path, adapter
-    own = next((a for a in (path / "adapter", path) if (a / "adapter_config.json").exists()), None)
-    merged = path / "merged"
-    if own is None:
-        return (merged if (merged / "config.json").exists() else path), adapter
-    if adapter and Path(adapter).resolve() != own.resolve():
-        raise ValueError(f"--model {path} holds an adapter ({own}) and --adapter {adapter} names another: give one")
-    if (merged / "config.json").exists() and \
-            (merged / "config.json").stat().st_mtime < (own / "adapter_model.safetensors").stat().st_mtime:
-        print(f"note: {merged} is older than {own}: using the adapter", file=sys.stderr)
-    base = Path(json.loads((own / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
-    if not (base / "config.json").exists():
-        raise FileNotFoundError(f"{own}: its base model {str(base)!r} is not a model folder here; pass the base "
-                                f"as --model and the adapter as --adapter")
-    return base, own
-
-
-def load_model(path, adapter=None, dtype=torch.float32, device="cpu"):
-    """(model with its adapter, if any; the model folder): see resolve() for what `path` may be."""
-    from model import Transformer  # lora.py itself needs only nn.Linear
-    folder, adapter = resolve(path, adapter)
-    model = Transformer.from_pretrained(folder, dtype=dtype, device=device)
-    return (load_adapter(model, adapter) if adapter else model).eval(), folder

@@ -1,15 +1,11 @@
 """
-The LLaMA-family transformer, written to match Hugging Face's LlamaForCausalLM number for number:
-RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU MLP -> blocks -> the model -> generation,
-then the fused output-layer loss and the reading of a Hugging Face config.json.
-
-Module and parameter names follow Hugging Face (model.layers.3.self_attn.q_proj.weight, lm_head.weight), so a
-`config.json` + `model.safetensors` folder loads one to one. Per-layer widths (query heads kept, which key/value
-head each reads, MLP width) are part of the config, so a structurally pruned model is an ordinary model here.
+The LLaMA-family transformer, matching Hugging Face's LlamaForCausalLM number for number: RMSNorm -> rotary
+embeddings -> grouped-query attention -> SwiGLU MLP -> blocks -> the model -> generation; then the fused output-layer
+loss and the reading of a Hugging Face config.json. Names follow Hugging Face (model.layers.3.self_attn.q_proj.weight),
+so a config.json + model.safetensors folder loads one to one. Per-layer widths (query heads kept, the key/value head
+each reads, MLP width) are part of the config: a structurally pruned model is an ordinary model here.
 """
-import json
 import math
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import load_weights
+from checkpoint import assign_weights, load_weights, read_json, save_json, save_safetensors
 
 
 @dataclass
@@ -41,12 +37,10 @@ class ModelConfig:
     layer_kv_map: list | None = None        # [layer][query head] -> index of the key/value head it reads
     layer_intermediate: list | None = None  # [layer] -> MLP width
 
-    def kv_map(self, layer):
-        """For each query head of `layer`, the index of the key/value head it reads."""
+    def kv_map(self, layer):  # for each query head of `layer`, the index of the key/value head it reads
         if self.layer_kv_map is not None:
             return list(self.layer_kv_map[layer])
-        group = self.n_head // self.n_kv_head
-        return [h // group for h in range(self.n_head)]
+        return [h // (self.n_head // self.n_kv_head) for h in range(self.n_head)]
 
     def intermediate(self, layer):
         return self.layer_intermediate[layer] if self.layer_intermediate is not None else self.intermediate_size
@@ -57,9 +51,6 @@ class ModelConfig:
 
     def to_hf(self):
         return config_to_hf(self)
-
-    def validate(self, where="config"):
-        check_config(self, where)
 
 
 class RMSNorm(nn.Module):  # x / sqrt(mean(x^2) + eps) * weight, in float32 as Hugging Face computes it
@@ -235,8 +226,7 @@ class Transformer(nn.Module):
 
     def check_ids(self, idx):
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{idx.min()}, {idx.max()}]")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None, generator=None):
@@ -268,33 +258,16 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face llama folder: built on the meta device, the weights assigned (never two copies)."""
-        path = Path(folder) / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{folder}: no config.json (is this a model folder?)")
-        try:
-            cfg = ModelConfig.from_hf(json.loads(path.read_text()), str(path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        cfg = ModelConfig.from_hf(read_json(Path(folder) / "config.json", "is this a model folder?"),
+                                  str(Path(folder) / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
         return model.load_weights(load_weights(folder), dtype, device, str(folder))
 
     def load_weights(self, state, dtype, device, where):
-        expected = {k: v for k, v in self.state_dict().items()
-                    if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"{where}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
-        loaded = {}
-        for k, ref in expected.items():
-            if tuple(state[k].shape) != tuple(ref.shape):
-                raise ValueError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies "
-                                 f"{tuple(ref.shape)}")
-            loaded[k] = state[k].to(device=device, dtype=dtype)
-            if not torch.isfinite(loaded[k]).all():
-                warnings.warn(f"{where}: tensor {k} contains NaN or Inf values")
-        self.load_state_dict(loaded, strict=False, assign=True)
-        if self.config.tie_word_embeddings:
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        assign_weights(self, state, dtype, device, where, skip=tied)
+        if tied:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_frequencies(self.config).to(device)
         for b in self.model.layers:
@@ -302,7 +275,6 @@ class Transformer(nn.Module):
         return self
 
     def save_pretrained(self, folder, dtype=torch.bfloat16):
-        from checkpoint import save_json, save_safetensors
         # only `*.weight` tensors are the model's own (adapters add lora_A / lora_B / rank_mask)
         state = {k: v.to(dtype) for k, v in self.state_dict().items()
                  if k.endswith("weight") and not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
@@ -385,16 +357,14 @@ PER_LAYER_TYPE = "llama_per_layer_widths"
 
 def config_from_hf(hf, where="config.json"):
     """A Hugging Face llama config as a ModelConfig, refusing what this model does not implement."""
-    bad = {"model_type": hf.get("model_type", "llama") not in ("llama", "mistral", "smollm", PER_LAYER_TYPE),
-           "attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
-           "hidden_act": hf.get("hidden_act", "silu") != "silu",
-           "sliding_window": hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None}
-    for key, unsupported in bad.items():
+    for key, unsupported in (("model_type", hf.get("model_type", "llama") not in ("llama", "mistral", "smollm", PER_LAYER_TYPE)),
+                             ("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
+                             ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
+                             ("sliding_window", hf.get("model_type") == "mistral" and hf.get("sliding_window"))):
         if unsupported:
             raise ValueError(f"{where}: {key} = {hf.get(key)!r} is not supported by this llama model")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                           "intermediate_size") if k not in hf]
-    if missing:
+    if missing := [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                               "intermediate_size") if k not in hf]:
         raise ValueError(f"{where}: missing required keys {missing}")
     rope = hf.get("rope_parameters")  # transformers >= 5 writes rope_theta and the scaling in one dict
     if isinstance(rope, dict):

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from configurator import renamed
 from lora import LoRALinear
-from model import Transformer
+from model import Transformer, check_config
 
 # Scores: {layer: {"heads": (n_head,), "kv": (n_kv_head,), "channels": (width,)}}, higher = more important.
 COUPLED = {  # projection -> (its group kind (G1-G3), the axis its slices lie on: 0 rows, 1 columns)
@@ -219,7 +219,7 @@ def set_widths(cfg, kv_maps, widths):
         cfg.intermediate_size, cfg.layer_intermediate = widths[0], None
     else:
         cfg.layer_intermediate = widths
-    cfg.validate("pruned config")
+    check_config(cfg, "pruned config")
 
 
 # ----------------------------------------------------------------------------- group importance, shared

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora import load_model, resolve
+from runs import load_model, resolve
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "smollm2-135m-instruct"

@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import download
 from data.tokens import prepared, windows
 import prunedlora
-from checkpoint import append_jsonl, read_checkpoint, run_in, trim_jsonl, write_checkpoint
-from configurator import check, configure, fail, oom_hint, settings
+from runs import append_jsonl, check_settings, oom_hint, start_or_resume, trim_jsonl, write_checkpoint
+from configurator import configure, fail, settings
 from lora import apply_lora, lora_modules, save_adapter, save_model
 from model import Transformer
 from prune import add_masks, compact, count_params, loraprune_step, masked_params, prune_plan
@@ -106,37 +106,11 @@ if struct_prune and 'rank_prune' not in overridden:
     rank_prune = False  # LoRAPrune alone unless rank pruning is asked for too
 
 # ----------------------------------------------------------------------------- resume, or a new run
-checkpoint = None
-if init_from == 'auto':
-    init_from = 'resume' if (Path(out_dir) / 'ckpt.pt').exists() else 'pretrained'
-check(globals(), choices={'init_from': ('pretrained', 'resume', 'auto')})
-if init_from == 'resume':
-    checkpoint = read_checkpoint(out_dir)
-    model = checkpoint['model_dir'] if 'model' not in overridden else model
-    data_keys = ('dataset', 'data_dir') if not {'dataset', 'data_dir'} & overridden else ()  # one setting, the data
-    for k in ('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora', 'rank_prune', *RANK_KEYS, 'struct_prune',
-              'struct_sparsity', 'struct_every', 'struct_whole_groups', *data_keys):
-        if k in checkpoint['config'] and (k.startswith(('lora_', 'use_')) or k not in overridden):
-            globals()[k] = checkpoint['config'][k]  # the adapter's shape, and the run as it was started
-elif (found := run_in(out_dir)) and not eval_only:  # nothing of the user's is lost
-    fail(f"out_dir={out_dir!r} holds a run ({found}): choose another out_dir for a new run (or delete that one); "
-         f"--init_from=resume continues that same run, with its adapter's shape")
-elif found:
-    print(f"note: --eval_only evaluates new adapters on {model}; --init_from=resume evaluates the run in {out_dir}")
-check(globals(), at_least_one=('block_size', 'batch_size', 'gradient_accumulation_steps', 'eval_interval',
-                               'eval_iters', 'log_interval', 'struct_every') + ('max_iters',) * (not eval_only),
-      choices={'dtype': ('float32', 'bfloat16', 'auto')})
-if not lora_targets:
-    fail(f"lora_targets={lora_targets!r}, expected at least one projection")
-if Path(out_dir).exists() and not Path(out_dir).is_dir():
-    fail(f"out_dir={out_dir!r}, expected a folder (a file is there)")
-try:
-    prunedlora.check_settings({k: globals()[k] for k in RANK_KEYS})
-except ValueError as e:
-    fail(e)
-if rank_prune and lora_r <= rank_target:
-    fail(f"rank_prune=True prunes the adapters from lora_r={lora_r} down to rank_target={rank_target}, so "
-         f"lora_r must be larger; for plain LoRA at rank {lora_r} set --rank_prune=False")
+# a resumed run keeps its adapter's shape, and the rest of its settings unless they are given again
+checkpoint = start_or_resume(globals(), overridden, fixed=('lora_r', 'lora_alpha', 'lora_targets', 'use_rslora'),
+                             kept=('rank_prune', *RANK_KEYS, 'struct_prune', 'struct_sparsity', 'struct_every',
+                                   'struct_whole_groups'))
+check_settings(globals(), RANK_KEYS)  # settings that would fail deep inside the run are refused here
 config = {k: globals()[k] for k in config_keys}  # what was run, saved in checkpoints
 
 # ----------------------------------------------------------------------------- devices, DDP, precision

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as E
+import runs
 from conftest import raw_file, tiny_config, tiny_model
 from model import Transformer
 from tokenizer import Tokenizer
@@ -458,7 +459,7 @@ def test_load_model_with_a_lora_adapter(tmp_path, model_dir):
         assert torch.allclose(from_out_dir(idx)[0], expected, atol=1e-5)
         assert torch.allclose(from_adapter(idx)[0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="holds an adapter .* and --adapter .* names another: give one"):
-        lora.resolve(tmp_path / "out", tmp_path / "adapter")
+        runs.resolve(tmp_path / "out", tmp_path / "adapter")
     assert torch.allclose(with_adapter, expected, atol=1e-5) and not torch.allclose(without, expected, atol=1e-3)
     shutil.copytree(tmp_path / "base", tmp_path / "out" / "merged")  # a merged/ beside the adapter: the adapter wins
     with torch.no_grad():

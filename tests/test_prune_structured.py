@@ -345,7 +345,7 @@ def test_train_py_loraprune_resumes_exactly_and_exports_the_compacted_model(tmp_
     with torch.no_grad():
         torch.testing.assert_close(resumed(IDX)[0], whole(IDX)[0], atol=1e-5, rtol=1e-5)
     # the adapter names the compacted base it was trained on: adapter on base == merged (eval.py --model RUN)
-    from lora import load_model
+    from runs import load_model
     on_base, folder = load_model(tmp_path / "whole")
     assert folder == tmp_path / "whole" / "base" and on_base.config.to_hf() == whole.config.to_hf()
     merged_fp32 = Transformer.from_pretrained(tmp_path / "whole" / "merged", dtype=torch.float32)

@@ -160,6 +160,9 @@ def test_sigkill_and_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path,
                            for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert metrics(killed) == pytest.approx(metrics(whole), abs=1e-6)  # a line per logged iteration and evaluation
     assert [m["iter"] for m in metrics(whole) if "loss" in m] == list(range(end))
+    # the learning rate: linear warmup over warmup_iters=2 from lr / 3, then a cosine from 1e-2 to min_lr at 30
+    lr = lambda i: 1e-2 * (i + 1) / 3 if i < 2 else 1e-3 + 0.5 * (1 + math.cos(math.pi * (i - 2) / 28)) * 9e-3
+    assert [m["lr"] for m in metrics(whole) if "loss" in m] == pytest.approx([lr(i) for i in range(end)], rel=1e-12)
     assert [m["iter"] for m in metrics(whole) if "val_loss" in m] == list(range(0, end + 1, 3)) + [end] * (end % 3 > 0)
     if pruning:
         log = lambda out: [json.loads(line) for line in (out / "rank_pruning.jsonl").read_text().splitlines()]
