@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
 from lora import apply_lora  # noqa: E402
-from eval import MC_TASKS as TASKS, REPORTED  # noqa: E402  (the seven tasks; acc or acc_norm, as the seeds report)
+from results import MC_TASKS as TASKS, REPORTED, merge_results, read_results  # noqa: E402
 from model import Transformer  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
@@ -127,10 +127,8 @@ def evaluate(model_dir, name, limit=LIMIT, ppl_pages=PPL_PAGES, ppl_windows=PPL_
             result, dry_run)
     if dry_run:
         return
-    zeroshot, wikitext2 = (json.loads(parts[t].read_text()) for t in ("zeroshot", "wikitext2"))
     limits = dict(zeroshot=limit, wikitext2_pages=ppl_pages, wikitext2_windows=ppl_windows)
-    out = dict(zeroshot, limit=limits, train_tokens=train_tokens, **model_facts(model_dir))
-    out["tasks"]["wikitext2"] = wikitext2["tasks"]["wikitext2"]
+    out = dict(merge_results(parts.values()), limit=limits, train_tokens=train_tokens, **model_facts(model_dir))
     RESULTS.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(out, indent=1) + "\n")
 
@@ -193,10 +191,11 @@ def report(args):
         if res["limit"] != limits:
             print(f"(skipped {name}: evaluated with {res['limit']}, not {limits})")
             continue
-        accs = [100 * res["tasks"][t][REPORTED[t]] for t in TASKS]
+        tasks = read_results(RESULTS / f"{name}.json")  # lm-eval's layout, or eval.py's earlier one
+        accs = [100 * tasks[t][f"{REPORTED[t]},none"] for t in TASKS]
         summary[name] = dict(removed=1 - res["params"] / dense, train_tokens=res["train_tokens"],
-                             token_perplexity=res["tasks"]["wikitext2"]["token_perplexity"],
-                             word_perplexity=res["tasks"]["wikitext2"]["word_perplexity"], accuracy=dict(zip(TASKS, accs)),
+                             token_perplexity=tasks["wikitext2"]["token_perplexity"],
+                             word_perplexity=tasks["wikitext2"]["word_perplexity,none"], accuracy=dict(zip(TASKS, accs)),
                              average=statistics.mean(accs), heads=res["heads"], widths=res["widths"])
         s = summary[name]
         if name not in shown:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The dense default model's full table, one eval.py process per task (a long run keeps what it has; a task
 # whose JSON exists is skipped; a killed multiple-choice task continues from out/dense_cache). Results in
-# lm-evaluation-harness's layout (eval.read_results reads them); raw data through data/fetch.py (data/cache/,
+# lm-evaluation-harness's layout (results.read_results reads them); raw data through data/fetch.py (data/cache/,
 # then $DATA_MIRROR, then a download). Progress lines go to each task's log.
 # Run from the repo root:  bash scripts/dense_table.sh [task ...]
 set -u
