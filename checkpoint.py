@@ -191,3 +191,8 @@ class atomic_open:
 def save_json(obj, path):
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -42,11 +42,6 @@ def write_checkpoint(ckpt, out_dir):
         torch.save(ckpt, f)
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def trim_jsonl(path, last, key="step"):
     """Keep the records of a log up to `last` (a resumed run forgets what came after its checkpoint); a line
     cut short by a kill counts as after."""

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import download
 from data.tokens import prepared, windows
 import prunedlora
-from runs import append_jsonl, check_settings, oom_hint, start_or_resume, trim_jsonl, write_checkpoint
+from checkpoint import append_jsonl
+from runs import check_settings, oom_hint, start_or_resume, trim_jsonl, write_checkpoint
 from configurator import configure, fail, settings
 from lora import apply_lora, lora_modules, save_adapter, save_model
 from model import Transformer
