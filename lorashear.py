@@ -1,19 +1,16 @@
 """
 LoRAShear (docs/ALGORITHMS.md §3) on prune.py's groups (G1-G3), masks and compaction; it reads train and val splits
 only, never an evaluation set.
-  (S1) knowledge distribution analysis: the loss change of each node group (one layer's attention or MLP) thinned
-       alone at a few ratios; the gamma most sensitive stay whole, prune.prune_plan shares the sparsity over the rest
-  (S2) LHSPG ramp: after T_w LoRA warm-up steps, P periods of T_p steps; at a period's start the next least salient
-       groups (LoRAPrune's (L3) average) become redundant and are scaled by (T_p - t - 1) / (T_p - t) at each step t
-  (S3) LHSPG half-space: trial point x~ = x + s B A - lambda_g x / ||x||; the group is zeroed when x~ . x < eps ||x||^2
+  (S1) knowledge distribution: each node group (a layer's attention or MLP) thinned alone, least salient groups first
+  (S2) LHSPG: P periods of T_p steps; each adds the least salient groups of all layers (saliency per parameter) to the
+       redundant set, then shrinks them: the ramp scales them by (T_p - t - 1) / (T_p - t) at each step t
+  (S3) half-space: x~ = x + s B A - lambda_g x / ||x||, zeroed when x~ . x < eps ||x||^2 (or at the period's end)
   (S4) at a period's end: merge s B A into W0 and restart the adapters; compaction then removes the zero groups
-  (S5) dynamic knowledge recovery, LoRA on text, then on instruction data: each source's share of a round's batches
-       is proportional to its degradation (pruned minus dense val loss), with a floor, until the val loss plateaus
+  (S5) recovery, LoRA on text, then on instruction data: each source's share of the batches follows its degradation
 
-    python lorashear.py --sparsity 0.2 [--scale cpu-small|gpu] [--variant ramp|halfspace] [--eval]
-
-writes the model folder --out_dir (default out/lorashear/lorashear[_halfspace]-0.2) and the results --output
-(default results/lorashear/<that name>.json; the analysis alone beside it as <name>-kda.json, for plot_kda.py).
+    python lorashear.py --sparsity 0.2 [--scale cpu-small|gpu] [--variant ramp|halfspace] [--selection global|uniform]
+writes the model folder --out_dir (default out/lorashear/<name>) and the results --output (default
+results/lorashear/<name>.json; the analysis beside it as <name>-kda.json, for plot_kda.py); --eval adds its row.
 """
 import argparse
 import json
@@ -28,11 +25,13 @@ import torch
 
 import prune
 from configurator import renamed
+from data import tokens
 from lora import LoRALinear, apply_lora, lora_modules, lora_parameters
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent
-LHSPG_VARIANTS = ("ramp", "halfspace")
+LHSPG_VARIANTS, SELECTIONS = ("ramp", "halfspace"), ("global", "uniform")
+KINDS = (("attn", "heads"), ("mlp", "channels"))  # a node group's kind, the groups it holds
 STAGES = {"stage1": {"pydocs": False, "shakespeare": False, "gsm8k": False},  # source: loss on responses only?
           "stage2": {"alpaca": True, "gsm8k": True}}
 SCALES = {  # every key is also a command-line option overriding the scale's value
@@ -43,33 +42,27 @@ SCALES = {  # every key is also a command-line option overriding the scale's val
                 periods=5, period_steps=200, round_batches=100, max_rounds=20, patience=3, val_batches=8,
                 floor=0.1, lr=2e-4, lora_r=8),
 }
-# Groups: {layer: {"heads": bool (n_head,), "channels": bool (width,)}}; scores in prune.py's format.
+# Groups: {(layer, "heads" | "channels"): bool mask (n_head,) or (width,)}; scores in prune.py's format.
 
 
 # ----------------------------------------------------------------------------- (S1) knowledge distribution
 @torch.no_grad()
 def mean_loss(model, batches):
-    """prune.batch_loss averaged over batches, in eval mode: every measurement of a run."""
-    was_training = model.training
-    model.eval()
-    loss = sum(prune.batch_loss(model, b).item() for b in batches)
-    model.train(was_training)
-    return loss / len(batches)
+    """prune.batch_loss averaged over batches, in eval mode (the model is left in it): every measurement of a run."""
+    return sum(prune.batch_loss(model.eval(), b).item() for b in batches) / len(batches)
 
 
-@torch.no_grad()
 def knowledge_distribution(model, batches, ratios=(0.1, 0.3, 0.5), gamma=0.1, scores=None):
-    """(S1) Per node group and ratio: mean_loss with the round(ratio * n) lowest-scoring (default: magnitude) of its n
-    heads / channels masked. The round(gamma * nodes) of highest mean |loss change| are unprunable. A JSON dict."""
-    scores = prune.magnitude_scores(model) if scores is None else scores
+    """(S1) Per node group and ratio: mean_loss with the round(ratio * n) least salient of its n heads / channels masked
+    (default saliency: LoRAPrune's (L1-L3) over the batches); the round(gamma * nodes) most sensitive are unprunable."""
+    scores = prune.structured_scores(model.eval(), "loraprune", batches) if scores is None else scores
     saved = [tuple(None if m is None else m.clone() for m in (b.self_attn.head_mask, b.mlp.channel_mask))
              for b in model.model.layers]
     prune.add_masks(model)
     base, nodes = mean_loss(model, batches), []
     try:
         for l, block in enumerate(model.model.layers):
-            for kind, mask, key in (("attn", block.self_attn.head_mask, "heads"),
-                                    ("mlp", block.mlp.channel_mask, "channels")):
+            for (kind, key), mask in zip(KINDS, (block.self_attn.head_mask, block.mlp.channel_mask)):
                 before, losses = mask.clone(), []
                 live = int(before.sum())
                 for ratio in ratios:
@@ -89,103 +82,110 @@ def knowledge_distribution(model, batches, ratios=(0.1, 0.3, 0.5), gamma=0.1, sc
                 unprunable=[[nodes[i]["layer"], nodes[i]["kind"]] for i in keep])
 
 
+# ----------------------------------------------------------------------------- (S2) the redundant groups
+def no_groups(scores):
+    return {(l, k): torch.zeros(len(s[k]), dtype=torch.bool, device=s[k].device) for l, s in scores.items()
+            for k in ("heads", "channels")}
+
+
+def next_global(scores, redundant, budget, nodes):
+    """(S2) One ranking of every prunable group of every layer by saliency per parameter, I_g / p_g: the lowest join
+    the redundant set (None at first) until it holds `budget` parameters, each node keeping its most salient live
+    group. Returns (the redundant set, this period's new groups)."""
+    before = redundant or no_groups(scores)
+    now, ratios, costs, where, held = {k: m.clone() for k, m in before.items()}, [], [], [], 0
+    for (l, key), p in nodes.items():
+        ratio, gone = scores[l][key].float().cpu() / p, before[l, key].cpu()
+        held += p * int(gone.sum())
+        free = ~gone
+        free[torch.where(gone, float("-inf"), ratio).argmax()] = False  # the node's most salient live group stays
+        ratios.append(ratio[free])
+        costs.append(torch.full((int(free.sum()),), p))
+        where += [((l, key), i) for i in free.nonzero()[:, 0].tolist()]
+    order = torch.cat(ratios).argsort(stable=True)  # (S2) the one ranking, lowest first
+    spent = torch.cat(costs)[order].cumsum(0)
+    n = 0 if budget <= held else int(torch.searchsorted(spent, torch.tensor(math.ceil(budget - held)))) + 1
+    if n > len(order):
+        raise ValueError(f"sparsity out of reach: {math.ceil(budget):,} parameters must go, but the prunable node "
+                         f"groups hold {held + int(spent[-1:].sum()):,} with one head and one channel left in each")
+    for node, i in (where[i] for i in order[:n].tolist()):
+        now[node][i] = True
+    return now, {k: now[k] & ~before[k] for k in now}
+
+
+def next_uniform(scores, redundant, plan, period, n_periods):
+    """(S2, --selection uniform) In every layer of the plan (prune.prune_plan: one ratio everywhere), the least
+    salient groups join the redundant set until it holds round(n (period + 1) / n_periods) of the plan's n."""
+    before = redundant or no_groups(scores)
+    now = {(l, key): prune.lowest(scores[l][key], before[l, key], int(n * (period + 1) / n_periods + 0.5))
+           for l, counts in plan.items() for key, n in zip(("heads", "channels"), counts)}
+    return now, {k: now[k] & ~before[k] for k in now}
+
+
+def per_layer(groups, n_layer):
+    """{"layer": [heads, channels]} of a set of groups, every layer listed."""
+    count = lambda l, key: int(groups[l, key].sum()) if (l, key) in groups else 0
+    return {str(l): [count(l, "heads"), count(l, "channels")] for l in range(n_layer)}
+
+
 # ----------------------------------------------------------------------------- (S2-S4) LHSPG
-def next_redundant(scores, redundant, plan, period, n_periods):
-    """(S2) At period `period`'s start, the least salient heads / channels join the redundant set (None at first)
-    until it holds round(n (period + 1) / n_periods) of the plan's n; returns (redundant set, this period's new)."""
-    now, new = {}, {}
-    for l, counts in plan.items():
-        now[l], new[l] = {}, {}
-        for key, n in zip(("heads", "channels"), counts):
-            s = scores[l][key]
-            before = redundant[l][key] if redundant else torch.zeros(len(s), dtype=torch.bool, device=s.device)
-            now[l][key] = prune.lowest(s, before, int(n * (period + 1) / n_periods + 0.5))
-            new[l][key] = now[l][key] & ~before
-    return now, new
-
-
-def group_items(model, groups):
-    """(block, module, axis, slots, key, index of the groups) per slice of the groups (G1, G3; key/value heads go at
-    compaction): axis 0 rows of W0 and B, 1 columns of W0 and A; head_dim slots per head."""
-    for l, g in groups.items():
-        block, index = model.model.layers[l], {k: g[k].nonzero()[:, 0] for k in ("heads", "channels")}
+def slices(model, groups):
+    """Per coupled slice of the groups (G1, G3; key/value heads go at compaction): (node, number of groups, slots, W0
+    and its LoRA factor with the slices as rows, W0 and B or W0^T and A^T (views that write through), the adapter's
+    s B A there as rows). head_dim slots per head."""
+    for (l, key), mask in groups.items():
+        block, index = model.model.layers[l], mask.nonzero()[:, 0]
         hd = block.self_attn.head_dim
-        head_slots = (index["heads"][:, None] * hd + torch.arange(hd, device=index["heads"].device)).flatten()
-        for name, module in prune.projections(block):
-            key, axis = prune.COUPLED[name]
-            if key != "kv" and len(index[key]):
-                yield block, module, axis, head_slots if key == "heads" else index[key], key, index[key]
-
-
-def lora_factor(module, axis):
-    """The LoRA factor coupled to W0's slices on that axis: B (rows), A (columns); None without an adapter."""
-    return (module.lora_B if axis == 0 else module.lora_A) if isinstance(module, LoRALinear) else None
-
-
-def take(t, axis, slots):
-    """The slots of t on axis as a (len(slots), other) float32 matrix: rows, or columns transposed (a view, whose
-    layout fixes the order of the sums over it)."""
-    return (t[slots] if axis == 0 else t[:, slots].T).float()
-
-
-def put(t, axis, slots, value):
-    """Write value, in take's layout, into the slots of t on axis."""
-    if axis == 0:
-        t[slots] = value.to(t.dtype)
-    else:
-        t[:, slots] = value.T.to(t.dtype)
-
-
-def lora_part(module, axis, slots):
-    """s B A on the slots in take's layout (what the adapter adds to W0 there); 0 without an adapter."""
-    if not isinstance(module, LoRALinear) or module.merged:
-        return 0.0
-    B = module.lora_B * module.rank_mask
-    return module.scale * (B[slots] @ module.lora_A if axis == 0 else (B @ module.lora_A[:, slots]).T)
+        slots = (index[:, None] * hd + torch.arange(hd, device=index.device)).flatten() if key == "heads" else index
+        for name, m in prune.projections(block):
+            if prune.COUPLED[name][0] != key or not len(index):
+                continue
+            if not isinstance(m, LoRALinear) or m.merged:
+                raise ValueError(f"layer {l} {name}: LHSPG works on W0 and its LoRA adapter; apply_lora first (unmerged)")
+            B, A = m.lora_B * m.rank_mask, m.lora_A
+            if prune.COUPLED[name][1] == 0:  # rows of W0 go with rows of B
+                yield (l, key), len(index), slots, m.weight, m.lora_B, m.scale * B[slots] @ A
+            else:  # columns of W0 go with columns of A
+                yield (l, key), len(index), slots, m.weight.T, m.lora_A.T, m.scale * A.T[slots] @ B.T
 
 
 @torch.no_grad()
 def scale_groups(model, groups, factor):
     """Scale the groups' slices of W0 and of the LoRA factor coupled to them, so W0 + s B A there, by `factor`."""
-    for _, module, axis, slots, _, _ in group_items(model, groups):
-        for t in (module.weight, lora_factor(module, axis)):
-            if t is not None:
-                put(t, axis, slots, take(t, axis, slots) * factor)
+    for _, _, slots, w, f, _ in slices(model, groups):
+        for t in (w, f):
+            t[slots] = (t[slots].float() * factor).to(t.dtype)
 
 
 @torch.no_grad()
 def halfspace_project(model, groups, t, period_steps, eps=0.05):
-    """(S3) at step t of T_p with lambda_g = ||x_g|| / (T_p - t), the ramp's pace: x_g <- x~_g, or 0 where x~_g
-    crossed the half-space (and at t = T_p - 1); the LoRA slices are folded into x_g, so zeroed."""
-    items = [(m, axis, slots, (block, key), take(m.weight, axis, slots).reshape(len(index), -1),
-              lora_part(m, axis, slots)) for block, m, axis, slots, key, index in group_items(model, groups)]
-    xx, xd = {}, {}  # per (block, kind): ||x_g||^2 and x_g . [s B A]_g, summed over the coupled slices
-    for _, _, _, g, x, d in items:
-        xx[g] = xx.get(g, 0) + x.pow(2).sum(1)
-        if torch.is_tensor(d):
-            xd[g] = xd.get(g, 0) + (x * d.reshape(len(x), -1)).sum(1)
-    for m, axis, slots, g, x, d in items:
-        sq = xx[g]
-        lam = sq.sqrt() / (period_steps - t)
-        trial_dot = sq + xd.get(g, 0) - lam * sq.sqrt()  # x~ . x
-        zero = (trial_dot < eps * sq) | (sq == 0) | (t >= period_steps - 1)  # (S3) the half-space test
-        d = d.reshape(len(x), -1) if torch.is_tensor(d) else 0.0
-        trial = x + d - (lam / sq.sqrt().clamp_min(1e-30))[:, None] * x  # (S3) x~
-        put(m.weight, axis, slots, torch.where(zero[:, None], 0.0, trial).reshape(len(slots), -1))
-        factor = lora_factor(m, axis)
-        if factor is not None:  # the LoRA part now lives in x_g
-            put(factor, axis, slots, take(factor, axis, slots) * 0.0)
+    """(S3) at step t: x~ = x + [s B A]_g - lambda_g x / ||x||, lambda_g = sqrt(p_g) max_h RMS(x_h) / (T_p - t) (group
+    lasso's weights; the group of largest RMS reaches zero at the period's end, smaller ones sooner); x <- 0 where
+    x~ . x < eps ||x||^2 or t = T_p - 1, else x <- x~. The LoRA slices are zeroed: their part is now in x."""
+    items = [(node, slots, w, f, w[slots].float().reshape(n, -1), part.reshape(n, -1))
+             for node, n, slots, w, f, part in slices(model, groups)]
+    xx, xd, size = {}, {}, {}  # per node: ||x_g||^2, x_g . [s B A]_g and p_g over the coupled slices
+    for node, _, _, _, x, d in items:
+        xx[node], xd[node] = xx.get(node, 0) + x.pow(2).sum(1), xd.get(node, 0) + (x * d).sum(1)
+        size[node] = size.get(node, 0) + x.shape[1]
+    lam = max([(xx[g] / size[g]).sqrt().max().item() for g in xx], default=0.0) / (period_steps - t)
+    for node, slots, w, f, x, d in items:
+        norm, lam_g = xx[node].sqrt(), lam * size[node] ** 0.5
+        zero = (xx[node] + xd[node] - lam_g * norm < eps * xx[node]) | (norm == 0) | (t >= period_steps - 1)  # (S3)
+        trial = x + d - (lam_g / norm.clamp_min(1e-30))[:, None] * x  # (S3) x~
+        w[slots] = torch.where(zero[:, None], 0.0, trial).reshape(len(slots), -1).to(w.dtype)
+        f[slots] = 0.0
 
 
 @torch.no_grad()
 def lhspg_step(model, redundant, shrinking, t, period_steps, variant="ramp", eps=0.05):
     """After optimizer.step() at step t of a period: earlier periods' groups held at zero, this period's shrunk by the
-    ramp (S2, the default: zero at the period's end, nothing to tune, as LoRAShear's code) or the half-space (S3)."""
+    ramp (S2, the default: zero at the period's end, as LoRAShear's code) or the half-space step (S3)."""
     if variant not in LHSPG_VARIANTS:
         raise ValueError(f"LHSPG variant {variant!r}: choose from {LHSPG_VARIANTS}")
     if not 0 <= t < period_steps:
         raise ValueError(f"step {t} lies outside the period of {period_steps} steps")
-    scale_groups(model, {l: {k: redundant[l][k] & ~shrinking[l][k] for k in g} for l, g in redundant.items()}, 0.0)
+    scale_groups(model, {k: g & ~shrinking[k] if k in shrinking else g for k, g in redundant.items()}, 0.0)
     if variant == "ramp":
         scale_groups(model, shrinking, (period_steps - t - 1) / (period_steps - t))  # (S2)
     else:
@@ -204,37 +204,16 @@ def restart_adapters(model, generator=None):
         torch.nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5), generator=generator)
 
 
-@torch.no_grad()
-def redundant_masks(model, redundant):
-    """Mask the redundant groups for prune.compact; after LHSPG they are zero, so nothing computed changes."""
-    prune.add_masks(model)
-    for l, g in redundant.items():
-        model.model.layers[l].self_attn.head_mask[g["heads"]] = 0.0
-        model.model.layers[l].mlp.channel_mask[g["channels"]] = 0.0
-    return model
-
-
-@torch.no_grad()
-def groups_max_abs(model, groups):
-    """The largest |entry| of W0 + s B A over the groups' slices: exactly 0.0 once LHSPG has zeroed them."""
-    return max((take(prune.effective_weight(m), axis, slots).abs().max().item()
-                for _, m, axis, slots, _, _ in group_items(model, groups)), default=0.0)
-
-
 # ----------------------------------------------------------------------------- (S5) dynamic knowledge recovery
-def recovery_shares(degradation, floor=0.05):
-    """(S5) p_i = floor + (1 - n floor) d_i / sum_j d_j, d_i = max(0, degradation_i); equal where none degraded."""
+def recovery_counts(degradation, n_batches, floor=0.05):
+    """(S5) n_batches p_i, p_i = floor + (1 - n floor) d_i / sum_j d_j, d_i = max(0, degradation_i) (equal shares where
+    none degraded), rounded to whole batches by largest remainder (ties: the source listed first)."""
     n = len(degradation)
     if not 0 <= floor <= 1 / n:
         raise ValueError(f"recovery floor must lie in [0, 1/{n}] for {n} sources, got {floor}")
     d = {k: max(0.0, float(v)) for k, v in degradation.items()}
     total = sum(d.values())
-    return {k: floor + (1 - n * floor) * (v / total if total > 0 else 1 / n) for k, v in d.items()}
-
-
-def recovery_counts(degradation, n_batches, floor=0.05):
-    """n_batches * recovery_shares, rounded by largest remainder (ties: the source listed first)."""
-    exact = {k: p * n_batches for k, p in recovery_shares(degradation, floor).items()}
+    exact = {k: (floor + (1 - n * floor) * (v / total if total > 0 else 1 / n)) * n_batches for k, v in d.items()}
     counts = {k: int(v) for k, v in exact.items()}
     for k in sorted(exact, key=lambda k: counts[k] - exact[k])[:n_batches - sum(counts.values())]:
         counts[k] += 1
@@ -243,21 +222,13 @@ def recovery_counts(degradation, n_batches, floor=0.05):
 
 # ----------------------------------------------------------------------------- the loops
 def sampler(name, split, masked, seq_len, seed):
-    """batch(batch_size, device) -> (x, y): random windows of data/<name>/<split>.bin, y = -1 where its loss mask
-    leaves a token out."""
+    """batch(batch_size, device) -> (x, y): new random windows of data/<name>/<split>.bin at each call (data/tokens.py),
+    y = -1 where a masked source's loss mask leaves a token out."""
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r}: LoRAShear reads train and val only, never an evaluation set")
-    tokens, rng = prune.token_file(name, split), np.random.default_rng(seed)
-    mask = np.memmap(Path(tokens.filename).with_name(f"{split}_mask.bin"), dtype=np.uint8, mode="r") if masked else None
-
-    def batch(batch_size, device):
-        starts = rng.integers(0, len(tokens) - seq_len - 1, batch_size)
-        w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))
-        x, y = w[:, :-1], w[:, 1:].clone()
-        if mask is not None:
-            y[torch.from_numpy(np.stack([mask[s + 1:s + seq_len + 1] == 0 for s in starts]))] = -1
-        return x.to(device), y.to(device)
-    return batch
+    (folder, meta), g = tokens.prepared(name), torch.Generator().manual_seed(seed)
+    return lambda batch_size, device: tuple(t.to(device) for t in tokens.windows(
+        folder, dict(meta, masked=masked), split, batch_size, seq_len, g))
 
 
 def backward(model, batch, ctx, used, stage, source):
@@ -265,23 +236,25 @@ def backward(model, batch, ctx, used, stage, source):
     entry = used.setdefault(stage, {}).setdefault(source, {"tokens": 0, "loss_tokens": 0, "batches": 0})
     entry["tokens"], entry["batches"] = entry["tokens"] + batch[0].numel(), entry["batches"] + 1
     entry["loss_tokens"] += int((batch[1] != -1).sum())
-    model.train()
     with ctx:
-        _, loss = model(*batch)
+        _, loss = model.train()(*batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
     return loss.item()
 
 
-def lhspg(model, cfg, plan, mixture, used, ctx, log):
+def lhspg(model, cfg, choose, mixture, used, ctx, log):
     """(S2-S4) T_w warm-up steps on the stage-1 sources in turn, then the periods: saliency (L3) after each backward,
-    next_redundant at a period's start, lhspg_step after each step, restart_adapters at its end. The redundant set."""
+    choose(saliency, redundant, period) at a period's start, lhspg_step after each step, restart_adapters at its end."""
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=0.0)
-    names, average, redundant = list(mixture), None, None
+    names, average, redundant, chosen = list(mixture), None, None, []
     for step in range(cfg.warmup + cfg.periods * cfg.period_steps):
         period, t = divmod(step - cfg.warmup, cfg.period_steps)
         if step >= cfg.warmup and t == 0:
-            redundant, shrinking = next_redundant(average, redundant, plan, period, cfg.periods)
+            redundant, shrinking = choose(average, redundant, period)
+            chosen.append(per_layer(shrinking, len(model.model.layers)))
+            log(f"LHSPG period {period + 1}/{cfg.periods} shrinks (layer: heads/channels) " + ", ".join(
+                f"{l}: {h}/{c}" for l, (h, c) in chosen[-1].items() if h or c))
         name = names[step % len(names)]
         stage = "lhspg_warmup" if step < cfg.warmup else "lhspg_periods"
         loss = backward(model, mixture[name](cfg.batch_size, cfg.device), ctx, used, stage, name)
@@ -293,15 +266,15 @@ def lhspg(model, cfg, plan, mixture, used, ctx, log):
         if step == cfg.warmup - 1:
             log(f"LoRA warm-up: {cfg.warmup} steps, last loss {loss:.4f}")
         if step >= cfg.warmup and t == cfg.period_steps - 1:
-            zero = groups_max_abs(model, redundant)
+            zero = max(((w[slots].float() + part).abs().max().item() for _, _, slots, w, _, part in  # W0 + s B A
+                        slices(model, redundant)), default=0.0)
             restart_adapters(model, torch.Generator(device=cfg.device).manual_seed(cfg.seed + period))
             optimizer.state.clear()  # the moments of the old adapters
-            n_red = sum(int(g["heads"].sum()) + int(g["channels"].sum()) for g in redundant.values())
-            log(f"LHSPG period {period + 1}/{cfg.periods}: {n_red} groups redundant, largest |weight| left on them "
-                f"{zero:.1e}; last loss {loss:.4f}; adapters merged and restarted")
+            log(f"LHSPG period {period + 1}/{cfg.periods}: {sum(int(g.sum()) for g in redundant.values())} groups "
+                f"redundant, largest |weight| left on them {zero:.1e}; last loss {loss:.4f}; adapters merged, restarted")
             if zero != 0.0:
                 raise RuntimeError(f"LHSPG left {zero} on a redundant group at the end of period {period + 1}")
-    return redundant
+    return redundant, chosen
 
 
 def recover(model, cfg, stage, val, dense, used, ctx, log):
@@ -316,8 +289,7 @@ def recover(model, cfg, stage, val, dense, used, ctx, log):
         degradation = {name: losses[name] - dense[name] for name in sources}
         mean_val = sum(losses.values()) / len(losses)
         rounds.append(dict(round=r, val_loss=losses, degradation=degradation, mean_val_loss=mean_val))
-        log(f"{stage} round {r}: val loss " + ", ".join(f"{n} {v:.4f} (+{degradation[n]:.4f})"
-                                                        for n, v in losses.items()))
+        log(f"{stage} round {r}: val loss " + ", ".join(f"{n} {v:.4f} (+{degradation[n]:.4f})" for n, v in losses.items()))
         best, best_state, bad = (mean_val, snapshot(), 0) if mean_val < best - 1e-4 else (best, best_state, bad + 1)
         if bad >= cfg.patience or r == cfg.max_rounds:  # a plateau (or the round budget): stop
             break
@@ -336,24 +308,45 @@ def recover(model, cfg, stage, val, dense, used, ctx, log):
 
 # ----------------------------------------------------------------------------- the run and its command line
 def shear(model, cfg, val, used, ctx, log):
-    """(S1) on the dense model, then LoRA with LHSPG (S2-S4) and compaction: what the results file keeps of them."""
+    """(S1) with fresh adapters, then LHSPG (S2-S4) and compaction: what the results file keeps of them."""
     stage1 = list(STAGES["stage1"].items())
     kda_sources = [sampler(name, "val", masked, cfg.seq_len, 2000 + i) for i, (name, masked) in enumerate(stage1)]
     kda_batches = [kda_sources[i % len(kda_sources)](cfg.batch_size, cfg.device) for i in range(cfg.kda_batches)]
+    used["kda"] = {"val": {"tokens": sum(x.numel() for x, _ in kda_batches), "batches": len(kda_batches)}}
+    apply_lora(model, r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.05)  # B = 0: the same function
     with ctx:
         kda = knowledge_distribution(model, kda_batches, cfg.kda_ratios, cfg.gamma)
     log(f"knowledge distribution: {len(kda['nodes'])} node groups, unprunable {kda['unprunable']}")
-    plan, planned = prune.prune_plan(model, cfg.sparsity, kept_layers=(), kept_nodes=kda["unprunable"])
-    apply_lora(model, r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.05)
-    used["kda"] = {"val": {"tokens": sum(x.numel() for x, _ in kda_batches), "batches": len(kda_batches)}}
+    total, layers = prune.count_params(model), model.model.layers
+    if cfg.selection == "uniform":
+        plan, _ = prune.prune_plan(model, cfg.sparsity, kept_layers=(), kept_nodes=kda["unprunable"])
+        choose = lambda scores, redundant, p: next_uniform(scores, redundant, plan, p, cfg.periods)
+    else:
+        fixed, budget = {(int(l), kind) for l, kind in kda["unprunable"]}, cfg.sparsity * total
+        nodes = {(l, key): prune.group_params(block)[key] for l, block in enumerate(layers)  # the prunable node groups
+                 for kind, key in KINDS if (l, kind) not in fixed}
+        choose = lambda scores, redundant, p: next_global(scores, redundant, budget * (p + 1) / cfg.periods, nodes)
+        choose(prune.random_scores(model), None, cfg.periods - 1)  # an unreachable target fails now (any scores do)
     mixture = {name: sampler(name, "train", masked, cfg.seq_len, cfg.seed + i) for i, (name, masked) in enumerate(stage1)}
-    redundant = lhspg(model, cfg, plan, mixture, used, ctx, log)
+    redundant, periods = lhspg(model, cfg, choose, mixture, used, ctx, log)
+    plan = per_layer(redundant, len(layers))
+    planned = sum(h * prune.group_params(b)["heads"] + c * prune.group_params(b)["channels"]
+                  for (h, c), b in zip(plan.values(), layers)) / total
     with ctx:
         zeroed = mean_loss(model, val["stage1"]["pydocs"])
-        prune.compact(redundant_masks(model, redundant))
+        prune.add_masks(model)  # the redundant groups masked (they are zero: nothing computed changes) and removed
+        for (l, key), g in redundant.items():
+            (layers[l].self_attn.head_mask if key == "heads" else layers[l].mlp.channel_mask)[g] = 0.0
+        prune.compact(model)
         compacted = mean_loss(model, val["stage1"]["pydocs"])
-    return dict(kda=kda, plan={str(l): list(plan.get(l, (0, 0))) for l in range(len(model.model.layers))},
-                planned=planned, lhspg_zeroed_loss=zeroed, compacted_loss=compacted)
+    return dict(kda=kda, plan=plan, periods=periods, planned=planned, lhspg_zeroed_loss=zeroed, compacted_loss=compacted)
+
+
+def held_out(cfg):
+    """{stage: {source: val_batches successive draws of its sampler}}: fixed, they measure every model of the run."""
+    draws = lambda source: [source(cfg.batch_size, cfg.device) for _ in range(cfg.val_batches)]
+    return {stage: {name: draws(sampler(name, "val", masked, cfg.seq_len, 1000 + i))
+                    for i, (name, masked) in enumerate(sources.items())} for stage, sources in STAGES.items()}
 
 
 def run(cfg):
@@ -367,9 +360,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else nullcontext()
     model = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device)
-    val = {stage: {name: [sampler(name, "val", masked, cfg.seq_len, 1000 + i)(cfg.batch_size, cfg.device)
-                          for _ in range(cfg.val_batches)] for i, (name, masked) in enumerate(sources.items())}
-           for stage, sources in STAGES.items()}  # fixed: they measure the dense model, each round and the plateau
+    val = held_out(cfg)
     with ctx:
         dense = {stage: {name: mean_loss(model, b) for name, b in v.items()} for stage, v in val.items()}
     log(f"dense val losses: {json.dumps(dense)}")
@@ -379,25 +370,26 @@ def run(cfg):
         f"{found['planned']:.2%}); pydocs val loss {found['lhspg_zeroed_loss']:.4f} zeroed, "
         f"{found['compacted_loss']:.4f} compacted")
     rounds = {stage: recover(model, cfg, stage, val[stage], dense[stage], used, ctx, log) for stage in STAGES}
-    tokens = {stage: sum(v["tokens"] for v in per.values()) for stage, per in used.items()}
-    info = dict(method="lorashear", variant=cfg.variant, target_sparsity=cfg.sparsity, planned_sparsity=found["planned"],
-                achieved_sparsity=1 - params / dense_params, params_before=dense_params, params_after=params,
-                unprunable=found["kda"]["unprunable"], tokens=tokens, source=str(cfg.model), settings=vars(cfg))
+    n_tokens = {stage: sum(v["tokens"] for v in per.values()) for stage, per in used.items()}
+    info = dict(method="lorashear", variant=cfg.variant, selection=cfg.selection, target_sparsity=cfg.sparsity,
+                planned_sparsity=found["planned"], achieved_sparsity=1 - params / dense_params,
+                params_before=dense_params, params_after=params, unprunable=found["kda"]["unprunable"],
+                tokens=n_tokens, source=str(cfg.model), settings=vars(cfg))
     prune.save_pruned(model, cfg.out_dir, cfg.model, info)
-    result = dict(info, kda=found["kda"], plan=found["plan"], dense_val_loss=dense,
+    result = dict(info, kda=found["kda"], plan=found["plan"], periods=found["periods"], dense_val_loss=dense,
                   lhspg_zeroed_loss=found["lhspg_zeroed_loss"], compacted_loss=found["compacted_loss"],
                   recovery=rounds, tokens_used=used, heads=[b.self_attn.n_head for b in layers],
                   widths=[b.mlp.down_proj.in_features for b in layers], log=lines, seconds=time.time() - t0)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1) + "\n")
     output.with_name(f"{output.stem}-kda.json").write_text(json.dumps(found["kda"], indent=1) + "\n")
-    log(f"wrote {cfg.out_dir} and {output}; tokens per stage {tokens}")
+    log(f"wrote {cfg.out_dir} and {output}; tokens per stage {n_tokens}")
     if not cfg.eval:
         return log("its row of the table (experiments/table_structured.py): rerun with --eval")
     sys.path.insert(0, str(ROOT / "experiments"))
     import table_structured  # the table's evaluation, the same as every other row's
     limits = {k: getattr(cfg, k) for k in ("limit", "ppl_pages", "ppl_windows") if getattr(cfg, k) is not None}
-    train_tokens = sum(tokens[stage] for stage in tokens if stage != "kda")  # the analysis reads val batches only
+    train_tokens = sum(n_tokens[stage] for stage in n_tokens if stage != "kda")  # the analysis reads val batches only
     table_structured.evaluate(cfg.out_dir, cfg.name, train_tokens=train_tokens, **limits)
 
 
@@ -407,6 +399,7 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of all parameters to remove (0.2, 0.5)")
     p.add_argument("--scale", default="cpu-small", choices=sorted(SCALES))
     p.add_argument("--variant", default="ramp", choices=LHSPG_VARIANTS, help="LHSPG's shrink (lhspg_step)")
+    p.add_argument("--selection", default="global", choices=SELECTIONS, help="next_global or next_uniform (S2)")
     p.add_argument("--eps", type=float, default=0.05, help="the half-space variant's epsilon")
     p.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-instruct")
     p.add_argument("--out_dir", type=Path, help="the pruned model folder (default out/lorashear/<name>)")
@@ -429,7 +422,8 @@ def main(argv=None):
             p.error(f"--{key} must be at least 1, got {getattr(cfg, key)}")
     if not 0 <= cfg.sparsity < 1:
         p.error(f"--sparsity must lie in [0, 1), got {cfg.sparsity}")
-    cfg.name = f"lorashear{'' if cfg.variant == 'ramp' else '_' + cfg.variant}-{cfg.sparsity:g}"
+    cfg.name = "lorashear" + "".join(f"_{v}" for v in (cfg.variant, cfg.selection) if v not in ("ramp", "global")) + \
+        f"-{cfg.sparsity:g}"
     cfg.out_dir = str(cfg.out_dir or ROOT / "out" / "lorashear" / cfg.name)
     cfg.output, cfg.model = str(cfg.output or ROOT / "results" / "lorashear" / f"{cfg.name}.json"), str(cfg.model)
     try:  # what would fail after the slow work fails now

@@ -1,24 +1,19 @@
 """
 Structured pruning of the base model (docs/ALGORITHMS.md §2, §4, §5): whole attention heads and MLP channels of a
 LLaMA block are masked while training, then removed for real (compact) to leave an ordinary, smaller model.
-
-The groups of a block with head size hd (§4):
   (G1) query head h     rows h*hd:(h+1)*hd of q_proj (+ its LoRA B), the same columns of o_proj (+ its LoRA A)
   (G2) key/value head   the same rows of k_proj and v_proj (+ B); it goes when no query head reads it
   (G3) MLP channel c    row c of gate_proj and up_proj (+ B), column c of down_proj (+ A)
   (G4) sparsity         the fraction of ALL parameters removed (embeddings included, LoRA excluded)
-The method, LoRAPrune (§2), scores W0's groups from the adapter's gradients alone, during fine-tuning:
+LoRAPrune (§2) scores W0's groups from the adapter's gradients alone, during fine-tuning:
   (L1) G_W ~ s (G_B A + B G_A - G_B G_A)       what one unit SGD step on A, B does to s B A
   (L2) I = (G_W * (W0 + s B A))^2               element importance
   (L3) I_g = sum of I over the group's coupled elements; I_bar <- lam I_bar + (1 - lam) I_g, lam = 0.9
   (L4) s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3, the lowest groups masked every `every` steps
-Its one-shot baselines (§5): (B1) magnitude ||W_g||_2; (B2) random; (B3) Wanda-sp sum |W_ij| ||X_j||_2;
+One-shot baselines (§5): (B1) magnitude ||W_g||_2; (B2) random; (B3) Wanda-sp sum |W_ij| ||X_j||_2;
   (B4) LLM-Pruner first order sum |W * G_W|; (B5) second order sum |W * F * W| / 2, F = mean g^2.
-In a training loop (train.py):
-    add_masks(model); prune_plan(model, sparsity)                  # fails early if out of reach
-    after backward, before optimizer.step():  average = loraprune_step(model, average, step, total, sparsity)
-    after training:                           compact(model)
-One shot: python prune.py --model DIR --method wanda --sparsity 0.2 --out_dir OUT
+train.py: add_masks, prune_plan (fails early); loraprune_step after each backward; compact at the end. One shot:
+    python prune.py --model DIR --method wanda --sparsity 0.2 --out_dir OUT
 """
 import argparse
 import json
@@ -51,8 +46,8 @@ def projections(block):
 
 
 def add_masks(model):
-    """All-ones head and channel masks in every layer (existing ones kept). They are buffers, so a training
-    checkpoint holds them: add them before loading such a checkpoint into a fresh model."""
+    """All-ones head and channel masks in every layer (existing ones kept); buffers, so add them before loading a
+    training checkpoint that holds them."""
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         if attn.head_mask is None:
@@ -67,17 +62,23 @@ def count_params(model):
     return sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
 
 
+def group_params(block):
+    """(G4) The parameters of one query head (q rows, o columns) and of one MLP channel (gate, up rows, down column)."""
+    return {"heads": 2 * block.self_attn.head_dim * block.self_attn.q_proj.in_features,
+            "channels": 3 * block.mlp.down_proj.out_features}
+
+
 def masked_params(model):
     """The number of parameters compact() would remove under the current masks (G1-G3)."""
-    hidden, removed = model.config.hidden_size, 0
+    removed = 0
     for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
+        attn, mlp, one = block.self_attn, block.mlp, group_params(block)
         if attn.head_mask is not None:
             live = attn.head_mask > 0
-            kv_gone = attn.n_kv_head - attn.kv_index[live].unique().numel()
-            removed += 2 * attn.head_dim * hidden * (int((~live).sum()) + kv_gone)  # q rows + o columns; k + v rows
+            kv_gone = attn.n_kv_head - attn.kv_index[live].unique().numel()  # a key/value head: its k and v rows
+            removed += one["heads"] * (int((~live).sum()) + kv_gone)
         if mlp.channel_mask is not None:
-            removed += 3 * hidden * int((mlp.channel_mask == 0).sum())  # gate row, up row, down column
+            removed += one["channels"] * int((mlp.channel_mask == 0).sum())
     return removed
 
 
@@ -88,18 +89,17 @@ def default_kept_layers(n_layer):
 
 
 def prune_plan(model, sparsity, kept_layers=None, whole_groups=False, kept_nodes=()):
-    """(G4) {layer: (heads, channels) to remove} and the planned fraction: one ratio rho of the query heads (GQA
-    groups with whole_groups) and channels everywhere, on a grid of 4 steps per channel of the widest layer, the
-    closest to `sparsity` with one head and one channel left. Whole: kept_layers (default: default_kept_layers) and
-    the node groups kept_nodes ([layer, "attn" | "mlp"], LoRAShear's unprunable). Key/value heads count as kept;
-    compaction also removes those no query head reads, so count_params after compact() is the truth."""
+    """(G4) {layer: (heads, channels) to remove} and the planned fraction: one ratio of the query heads (GQA groups
+    with whole_groups) and channels everywhere (a grid of 4 steps per channel of the widest layer), the closest to
+    `sparsity` with one head and channel left; kept_layers (default: default_kept_layers) and kept_nodes ([layer,
+    "attn" | "mlp"]) stay whole. Key/value heads count as kept (compaction also removes the unread ones)."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must lie in [0, 1) (the fraction of all parameters to remove), got {sparsity}")
     kept = set(default_kept_layers(len(model.model.layers)) if kept_layers is None else kept_layers)
     fixed = {(int(l), kind) for l, kind in kept_nodes} | {(l, kind) for l in kept for kind in ("attn", "mlp")}
     hidden, total, sizes = model.config.hidden_size, count_params(model), {}
     for l, block in enumerate(model.model.layers):  # layer -> (heads or groups, parameters of one, channels)
-        attn, head = block.self_attn, 2 * block.self_attn.head_dim * hidden  # a query head: q rows + o columns
+        attn, head = block.self_attn, group_params(block)["heads"]
         if whole_groups and (l, "attn") not in fixed and not attn.uniform_gqa:
             raise ValueError(f"whole_groups needs even GQA groups; layer {l} maps its query heads to key/value "
                              f"heads {attn.kv_index.tolist()}")
@@ -107,13 +107,8 @@ def prune_plan(model, sparsity, kept_layers=None, whole_groups=False, kept_nodes
         n, width = 0 if (l, "attn") in fixed else n, 0 if (l, "mlp") in fixed else block.mlp.down_proj.in_features
         if n or width:
             sizes[l] = (n, one, width)
-
-    def plan_at(rho):
-        return {l: (int(rho * n + 0.5), int(rho * width + 0.5)) for l, (n, _, width) in sizes.items()}
-
-    def removed(plan):
-        return sum(h * sizes[l][1] + c * 3 * hidden for l, (h, c) in plan.items())  # a channel: gate, up, down
-
+    plan_at = lambda rho: {l: (int(rho * n + 0.5), int(rho * width + 0.5)) for l, (n, _, width) in sizes.items()}
+    removed = lambda plan: sum(h * sizes[l][1] + c * 3 * hidden for l, (h, c) in plan.items())  # channel: gate, up, down
     steps, target = 4 * max([width for *_, width in sizes.values()] + [1]), sparsity * total
     best = most = plan_at(0.0)
     for k in range(1, steps):  # removed() grows with rho: stop where a layer would lose everything
@@ -172,33 +167,29 @@ def slice_linear(module, rows=None, cols=None):
 def compact(model):
     """Remove the masked groups (G1-G3) from the base weights and the LoRA matrices alike and drop the masks: an
     ordinary model whose config records the per-layer widths. Rebuild any optimizer: the parameters are new."""
-    kv_maps, widths = [], []
     add_masks(model)
     for l, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
-        heads = attn.head_mask.nonzero()[:, 0]
-        if len(heads) == 0:
-            raise ValueError(f"layer {l}: every attention head is masked; a layer needs at least one")
+        heads, channels = attn.head_mask.nonzero()[:, 0], mlp.channel_mask.nonzero()[:, 0]
+        for what, kept in (("attention head", heads), ("MLP channel", channels)):
+            if len(kept) == 0:
+                raise ValueError(f"layer {l}: every {what} is masked; a layer needs at least one")
         kv_old = attn.kv_index[heads]
         kv_kept = kv_old.unique()  # sorted: a key/value head stays if a kept query head reads it (G2)
         kv_map = torch.searchsorted(kv_kept, kv_old)
         slots = lambda idx: (idx[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=idx.device)).flatten()
         slice_linear(attn.q_proj, rows=slots(heads))
         slice_linear(attn.o_proj, cols=slots(heads))
-        slice_linear(attn.k_proj, rows=slots(kv_kept))
-        slice_linear(attn.v_proj, rows=slots(kv_kept))
+        for proj in (attn.k_proj, attn.v_proj):
+            slice_linear(proj, rows=slots(kv_kept))
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            slice_linear(proj, rows=channels)
+        slice_linear(mlp.down_proj, cols=channels)
         attn.n_head, attn.n_kv_head, attn.kv_index = len(heads), len(kv_kept), kv_map
         attn.uniform_gqa = kv_map.tolist() == even_kv_map(len(heads), len(kv_kept))
-        channels = mlp.channel_mask.nonzero()[:, 0]
-        if len(channels) == 0:
-            raise ValueError(f"layer {l}: every MLP channel is masked; a layer needs at least one")
-        slice_linear(mlp.gate_proj, rows=channels)
-        slice_linear(mlp.up_proj, rows=channels)
-        slice_linear(mlp.down_proj, cols=channels)
         attn.head_mask = mlp.channel_mask = None
-        kv_maps.append(kv_map.tolist())
-        widths.append(len(channels))
-    set_widths(model.config, kv_maps, widths)
+    layers = model.model.layers
+    set_widths(model.config, [b.self_attn.kv_index.tolist() for b in layers], [b.mlp.down_proj.in_features for b in layers])
     return model
 
 
@@ -208,17 +199,13 @@ def even_kv_map(n_head, n_kv_head):
 
 
 def set_widths(cfg, kv_maps, widths):
-    """Record per-layer widths in the config; widths every layer shares become the plain HF ones, so a uniformly
-    pruned folder also loads in transformers."""
+    """Record per-layer widths in the config; shared widths become the plain HF ones (the folder loads in transformers)."""
     n_head, n_kv_head = len(kv_maps[0]), max(kv_maps[0]) + 1
     if all(m == kv_maps[0] for m in kv_maps) and kv_maps[0] == even_kv_map(n_head, n_kv_head):
-        cfg.n_head, cfg.n_kv_head, cfg.layer_kv_map = n_head, n_kv_head, None
-    else:
-        cfg.layer_kv_map = kv_maps
-    if len(set(widths)) == 1:
-        cfg.intermediate_size, cfg.layer_intermediate = widths[0], None
-    else:
-        cfg.layer_intermediate = widths
+        cfg.n_head, cfg.n_kv_head, kv_maps = n_head, n_kv_head, None
+    cfg.layer_kv_map = kv_maps
+    cfg.intermediate_size, cfg.layer_intermediate = (widths[0], None) if len(set(widths)) == 1 else \
+        (cfg.intermediate_size, widths)
     check_config(cfg, "pruned config")
 
 
@@ -232,20 +219,16 @@ def effective_weight(module):
 
 
 def group_sums(model, element_importance):
-    """Sum element_importance(module) (shaped like module.weight, or None: nothing) over each group's slice of every
-    coupled matrix (G1-G3), in the scores' format."""
+    """Sum element_importance(module) (shaped like its weight; None: nothing) over each group's coupled slices (G1-G3)."""
     scores = {}
     for l, block in enumerate(model.model.layers):
-        attn, width = block.self_attn, block.mlp.down_proj.in_features
-        dev = attn.q_proj.weight.device
+        attn, width, dev = block.self_attn, block.mlp.down_proj.in_features, block.self_attn.q_proj.weight.device
         s = {"heads": torch.zeros(attn.n_head, device=dev), "kv": torch.zeros(attn.n_kv_head, device=dev),
              "channels": torch.zeros(width, device=dev)}
-        for name, module in projections(block):
-            kind, axis = COUPLED[name]
+        for (name, module), (kind, axis) in zip(projections(block), COUPLED.values()):
             e = element_importance(module)
-            if e is not None:
-                per_slot = e.float().sum(1 - axis)  # (rows,) or (columns,)
-                s[kind] += per_slot.view(-1, 1 if kind == "channels" else attn.head_dim).sum(1)
+            if e is not None:  # per row (axis 0) or column (axis 1), then per group of them
+                s[kind] += e.float().sum(1 - axis).view(-1, 1 if kind == "channels" else attn.head_dim).sum(1)
         scores[l] = s
     return scores
 
@@ -268,8 +251,8 @@ def loraprune_grad_estimate(module):
 
 @torch.no_grad()
 def loraprune_update(model, average=None, beta=0.9):
-    """(L2-L3) Once per optimizer step, after backward: this step's group importance folded into the moving
-    average (beta = lambda). The paper squares; its public code takes the absolute value. Returns the average."""
+    """(L2-L3) After each backward: this step's group importance folded into the moving average (beta = lambda).
+    The paper squares; its public code takes the absolute value."""
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("LoRAPrune scores base weights through their LoRA adapters: apply_lora first")
 
@@ -277,18 +260,15 @@ def loraprune_update(model, average=None, beta=0.9):
         grad_w = loraprune_grad_estimate(module)
         return None if grad_w is None else grad_w.mul_(effective_weight(module)).square_()  # (L2)
     now = group_sums(model, element)
-    if average is None:
-        return now
-    return {l: {k: beta * average[l][k].to(v.device) + (1 - beta) * v for k, v in now[l].items()} for l in now}
+    return now if average is None else \
+        {l: {k: beta * average[l][k].to(v.device) + (1 - beta) * v for k, v in now[l].items()} for l in now}
 
 
 def cubic_sparsity(step, total_steps, final, initial=0.0, warmup=0.1, cooldown=0.1):
     """(L4) with t0 = warmup * T, t1 = (1 - cooldown) * T: s_i before t0, s_f from t1 on."""
     t0, t1 = warmup * total_steps, (1 - cooldown) * total_steps
-    if step <= t0 or t1 <= t0:
+    if step <= t0 or step >= t1 or t1 <= t0:
         return initial if step <= t0 else final
-    if step >= t1:
-        return final
     return final + (initial - final) * (1 - (step - t0) / (t1 - t0)) ** 3
 
 
@@ -312,22 +292,19 @@ def magnitude_scores(model):
 def random_scores(model, seed=0):
     """(B2) Uniform random scores: the floor every criterion must beat."""
     g = torch.Generator().manual_seed(seed)
-    return {l: {"heads": torch.rand(b.self_attn.n_head, generator=g),
-                "kv": torch.rand(b.self_attn.n_kv_head, generator=g),
+    return {l: {"heads": torch.rand(b.self_attn.n_head, generator=g), "kv": torch.rand(b.self_attn.n_kv_head, generator=g),
                 "channels": torch.rand(b.mlp.down_proj.in_features, generator=g)} for l, b in enumerate(model.model.layers)}
 
 
 @torch.no_grad()
 def wanda_scores(model, batches):
     """(B3) |W_ij| ||X_j||_2, X_j the layer's j-th input feature over all calibration tokens, summed per group."""
-    sq_norms, hooks = {}, []
+    sq_norms = {}
 
     def record(module, args, output):
         x = args[0].float().flatten(0, -2)  # (tokens, in)
         sq_norms[module] = sq_norms.get(module, 0) + x.pow(2).sum(0)
-
-    for block in model.model.layers:
-        hooks += [module.register_forward_hook(record) for _, module in projections(block)]
+    hooks = [m.register_forward_hook(record) for block in model.model.layers for _, m in projections(block)]
     try:
         for batch in batches:
             batch_loss(model, batch)
@@ -362,28 +339,22 @@ def taylor_scores(model, batches, order="first"):
     def element(m):
         w = m.weight.float()
         first = w * grad[m]  # (B4)
-        if order == "first":
-            return first.abs()
-        second = w * fisher[m] * w / 2  # (B5)
-        return second.abs() if order == "second" else (first - second).abs()
+        second = w * fisher[m] * w / 2 if fisher is not None else None  # (B5)
+        return (first if order == "first" else second if order == "second" else first - second).abs()
     with torch.no_grad():
         return group_sums(model, element)
 
 
 def structured_scores(model, method, batches=None, seed=0, taylor="first"):
     """One method's group scores, one shot; loraprune needs adapters (apply_lora) and averages over `batches`."""
-    if method == "magnitude":
-        return magnitude_scores(model)
-    if method == "random":
-        return random_scores(model, seed)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose magnitude, random, wanda, llm_pruner or loraprune")
+    if method in ("magnitude", "random"):
+        return magnitude_scores(model) if method == "magnitude" else random_scores(model, seed)
     if not batches:
         raise ValueError(f"method {method!r} needs calibration batches")
-    if method == "wanda":
-        return wanda_scores(model, batches)
-    if method == "llm_pruner":
-        return taylor_scores(model, batches, taylor)
+    if method in ("wanda", "llm_pruner"):
+        return wanda_scores(model, batches) if method == "wanda" else taylor_scores(model, batches, taylor)
     average = None  # loraprune: (L2-L3) averaged over the batches
     for batch in batches:
         model.zero_grad(set_to_none=True)
@@ -396,9 +367,8 @@ def structured_scores(model, method, batches=None, seed=0, taylor="first"):
 # ----------------------------------------------------------------------------- plumbing: data, saving, the command
 def token_file(source, split="train"):
     """The tokens of a data/<name>/prepare.py output: a data set name (data/<source>/<split>.bin) or a .bin path."""
-    path, data = Path(source), Path(__file__).resolve().parent / "data"
-    if path.suffix != ".bin":
-        path = data / str(source) / f"{split}.bin"
+    data = Path(__file__).resolve().parent / "data"
+    path = Path(source) if Path(source).suffix == ".bin" else data / str(source) / f"{split}.bin"
     meta = path.parent / "meta.json"
     if not path.exists() or not meta.exists():
         known = ", ".join(sorted(p.parent.name for p in data.glob("*/prepare.py")))
@@ -419,8 +389,7 @@ def token_batches(source, n_tokens, seq_len=256, batch_size=8, seed=0, split="tr
 
 
 def check_out(out, source_dir):
-    """Refuse an output folder whose replacement would lose something: all but a missing or empty folder or an
-    earlier save_pruned result (it holds pruning.json); never the source model or a folder around it."""
+    """Refuse an output folder whose replacement would lose something: all but a new, empty or save_pruned one."""
     out, source = Path(out), Path(source_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out_dir {out}: a file is there, not a folder")
@@ -433,17 +402,15 @@ def check_out(out, source_dir):
 
 
 def save_pruned(model, out, source_dir, info, dtype=torch.bfloat16):
-    """Write a model folder atomically (a temporary folder renamed into place) with the source's tokenizer files and
-    pruning.json (how it was made), replacing an earlier pruned model only (check_out)."""
+    """Write a model folder atomically (a temporary one renamed) with the source's tokenizer files and pruning.json."""
     check_out(out, source_dir)
-    out = Path(out)
+    out, source = Path(out), Path(source_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, dtype)
-    for f in TOKENIZER_FILES:
-        if (Path(source_dir) / f).exists():
-            shutil.copy(Path(source_dir) / f, tmp / f)
+    for f in (f for f in TOKENIZER_FILES if (source / f).exists()):
+        shutil.copy(source / f, tmp / f)
     (tmp / "pruning.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -494,8 +461,7 @@ def main(argv=None):
         p.error(str(e))
     t0 = time.time()
     choose_masks(model, structured_scores(model, args.method, batches, args.seed, args.taylor), plan, args.whole_groups)
-    before = count_params(model)
-    after = count_params(compact(model))
+    before, after = count_params(model), count_params(compact(model))
     info = dict(method=args.method, target_sparsity=args.sparsity, planned_sparsity=planned,
                 achieved_sparsity=1 - after / before, params_before=before, params_after=after,
                 kept_layers=default_kept_layers(model.config.n_layer) if kept is None else kept,

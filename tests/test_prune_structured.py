@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lora import apply_lora, lora_modules
+from lora import LoRALinear, apply_lora, lora_modules
 from model import Transformer
 import prune
 
@@ -156,28 +156,44 @@ def test_masks_only_grow():
         assert bool((b.self_attn.head_mask <= before).all())  # a pruned head never comes back
 
 
-def test_taylor_scores_equal_autograd():
+def group_totals(block, imp, hd=8):
+    """Sums of per-projection element scores over each group, from (G1)-(G3) written out here (head size 8)."""
+    attn = block.self_attn
+    return {"heads": torch.stack([imp["q_proj"][h * hd:(h + 1) * hd].sum() + imp["o_proj"][:, h * hd:(h + 1) * hd].sum()
+                                  for h in range(attn.n_head)]),
+            "kv": torch.stack([imp["k_proj"][g * hd:(g + 1) * hd].sum() + imp["v_proj"][g * hd:(g + 1) * hd].sum()
+                               for g in range(attn.n_kv_head)]),
+            "channels": imp["gate_proj"].sum(1) + imp["up_proj"].sum(1) + imp["down_proj"].sum(0)}
+
+
+def assert_scores(scores, expected, **tol):
+    for l in expected:
+        for k in ("heads", "kv", "channels"):
+            torch.testing.assert_close(scores[l][k], expected[l][k], **tol)
+
+
+def test_taylor_scores_equal_autograd_and_the_fisher():
+    """(B4) |W * G| with G autograd's gradient of the mean loss; (B5) |W * F * W| / 2 with F the mean over batches of
+    each batch's squared gradient (the empirical Fisher it claims), and the mixed |W G - W F W / 2|."""
     model = tiny_model(seed=6)
-    batches = [torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    scores = prune.taylor_scores(model, batches)
+    batches = [torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    scores = {order: prune.taylor_scores(model, batches, order) for order in ("first", "second", "mixed")}
     for p in model.parameters():
         p.requires_grad_(True)
-    model.zero_grad()
+    per_batch = []  # each batch's gradient of every weight, by autograd
     for b in batches:
-        (prune.batch_loss(model, b) / len(batches)).backward()
-    hd = 8
-    for l, block in enumerate(model.model.layers):
-        imp = {n: (mod.weight * mod.weight.grad).abs() for n, mod in prune.projections(block)}
-        heads = [imp["q_proj"][h * hd:(h + 1) * hd].sum() + imp["o_proj"][:, h * hd:(h + 1) * hd].sum() for h in range(4)]
-        kv = [imp["k_proj"][g * hd:(g + 1) * hd].sum() + imp["v_proj"][g * hd:(g + 1) * hd].sum() for g in range(2)]
-        channels = imp["gate_proj"].sum(1) + imp["up_proj"].sum(1) + imp["down_proj"].sum(0)
-        torch.testing.assert_close(scores[l]["heads"], torch.stack(heads), rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(scores[l]["kv"], torch.stack(kv), rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(scores[l]["channels"], channels, rtol=1e-5, atol=1e-9)
-    for p in model.parameters():
-        assert p.grad is None or p.requires_grad  # nothing left half-changed
-    second = prune.taylor_scores(model, batches, order="second")
-    assert all(bool((s["heads"] >= 0).all()) for s in second.values())
+        model.zero_grad()
+        prune.batch_loss(model, b).backward()
+        per_batch.append({p: p.grad.clone() for p in model.parameters()})
+    mean = lambda f: {p: sum(f(g[p]) for g in per_batch) / len(batches) for p in per_batch[0]}
+    grad, fisher = mean(lambda g: g), mean(lambda g: g ** 2)
+    for order, element in (("first", lambda w: (w * grad[w]).abs()), ("second", lambda w: (w * fisher[w] * w / 2).abs()),
+                           ("mixed", lambda w: (w * grad[w] - w * fisher[w] * w / 2).abs())):
+        expected = {l: group_totals(b, {n: element(m.weight).detach() for n, m in prune.projections(b)})
+                    for l, b in enumerate(model.model.layers)}
+        assert_scores(scores[order], expected, rtol=1e-4, atol=1e-10)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert not torch.allclose(fisher[w], grad[w] ** 2)  # the mean of squares, not the square of the mean
 
 
 def test_wanda_scores_equal_the_formula():
@@ -196,6 +212,19 @@ def test_wanda_scores_equal_the_formula():
     expected = ((mlp.gate_proj.weight.abs() + mlp.up_proj.weight.abs()) * norm_in).sum(1) \
         + (mlp.down_proj.weight.abs() * norm_mid).sum(0)
     torch.testing.assert_close(scores[1]["channels"], expected, rtol=1e-5, atol=1e-6)
+    attn, inputs = model.model.layers[0].self_attn, {}  # heads: q rows and o columns; kv: k and v rows
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.update({n: args[0].reshape(-1, args[0].shape[-1])}))
+             for n, m in (("q", attn.q_proj), ("o", attn.o_proj))]
+    with torch.no_grad():
+        prune.batch_loss(model, batch)
+    for h in hooks:
+        h.remove()
+    imp = {name: m.weight.abs() * inputs["o" if name == "o_proj" else "q"].norm(dim=0)
+           for name, m in prune.projections(model.model.layers[0]) if name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    expected = group_totals(model.model.layers[0], {**imp, "gate_proj": 0 * norm_in[None], "up_proj": 0 * norm_in[None],
+                                                   "down_proj": 0 * norm_mid[None]})
+    torch.testing.assert_close(scores[0]["heads"], expected["heads"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores[0]["kv"], expected["kv"], rtol=1e-5, atol=1e-6)
 
 
 def test_loraprune_estimate_is_the_change_of_BA_after_one_sgd_step():
@@ -220,6 +249,48 @@ def test_loraprune_estimate_is_the_change_of_BA_after_one_sgd_step():
         assert estimates[n].abs().max() > 1e-4  # not trivially zero
 
 
+def single_lora_layer(B_scale, r, seed=0):
+    """A 6 x 6 LoRALinear (s = 2 / r) whose W0 requires grad, under a loss that is not quadratic."""
+    torch.manual_seed(seed)
+    module = LoRALinear(torch.nn.Linear(6, 6, bias=False), r=r, alpha=2)
+    module.weight.requires_grad_(True)
+    with torch.no_grad():
+        module.lora_B.normal_(0, B_scale)
+    x, target = torch.randn(7, 6), torch.randn(7, 6)
+    return module, lambda: (module(x).tanh() * target).sum()
+
+
+def test_loraprune_estimate_against_the_true_gradient_of_W0():
+    """(L1) is what one unit SGD step on A and B does to s B A. With G = dL/dW0 (autograd) it is
+    s^2 (G A^T A + B B^T G) - s^3 G A^T B^T G: the gradient seen through the adapter. It equals G when the adapter
+    moves W in every direction at unit rate (B = 0, s^2 A^T A = I, full rank); otherwise it is an approximation."""
+    module, loss = single_lora_layer(0.0, r=6)
+    with torch.no_grad():  # A = Q / s, Q orthogonal: s^2 A^T A = I
+        module.lora_A.copy_(torch.linalg.qr(torch.randn(6, 6))[0] / module.scale)
+    loss().backward()
+    torch.testing.assert_close(prune.loraprune_grad_estimate(module), module.weight.grad, rtol=1e-5, atol=1e-6)
+    module, loss = single_lora_layer(0.5, r=3)
+    loss().backward()
+    G, A, B, s = module.weight.grad, module.lora_A.detach(), module.lora_B.detach(), module.scale
+    seen = s ** 2 * (G @ A.T @ A + B @ B.T @ G) - s ** 3 * G @ A.T @ B.T @ G
+    estimate = prune.loraprune_grad_estimate(module)
+    torch.testing.assert_close(estimate, seen, rtol=1e-5, atol=1e-6)
+    assert (estimate - G).norm() > 0.1 * G.norm()  # an approximation here
+
+
+def test_loraprune_importance_is_a_moving_average():
+    """(L3) I_bar = 0.9 I_bar + 0.1 I_step, the first step setting I_bar."""
+    model = with_lora(tiny_model(seed=15))
+    steps = []
+    for seed in (3, 4):
+        model.zero_grad()
+        prune.batch_loss(model, torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))).backward()
+        steps.append(prune.loraprune_update(model))
+    average = prune.loraprune_update(model, steps[0])  # the second step's gradients are still there
+    assert_scores(average, {l: {k: 0.9 * steps[0][l][k] + 0.1 * steps[1][l][k] for k in steps[0][l]} for l in steps[0]},
+                  rtol=1e-6, atol=0)
+
+
 def test_loraprune_schedule_and_training_loop_calls():
     assert prune.cubic_sparsity(0, 100, 0.5) == 0 and prune.cubic_sparsity(10, 100, 0.5) == 0
     assert prune.cubic_sparsity(90, 100, 0.5) == 0.5 and prune.cubic_sparsity(99, 100, 0.5) == 0.5
@@ -235,8 +306,9 @@ def test_loraprune_schedule_and_training_loop_calls():
         opt.zero_grad()
         fractions.append(prune.masked_params(model) / prune.count_params(model))
     assert fractions == sorted(fractions) and fractions[0] == 0
-    _, planned = prune.prune_plan(model, 0.2, kept_layers=[0])
-    assert fractions[-1] >= planned > 0.15
+    plan, _ = prune.prune_plan(model, 0.2, kept_layers=[0])  # the last step masks the final plan exactly
+    assert {l: (int((b.self_attn.head_mask == 0).sum()), int((b.mlp.channel_mask == 0).sum()))
+            for l, b in enumerate(model.model.layers) if l in plan} == plan
     assert model.model.layers[0].self_attn.head_mask.all()  # the kept layer stays whole
     with torch.no_grad():
         masked = model(IDX)[0]
